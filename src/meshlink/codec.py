@@ -1,0 +1,95 @@
+"""Encoding payloads to bodies and decoding bodies into handler types, through pydantic.
+
+* a pydantic model → its JSON; decoded with ``model_validate_json``;
+* ``bytes`` → passed through untouched (``application/octet-stream``);
+* anything pydantic can serialise (dicts, lists, dataclasses…) → JSON, decoded
+  through a cached :class:`pydantic.TypeAdapter` for the target type.
+
+A body that does not fit the target raises :class:`~meshlink.errors.DecodeError`,
+which is never retried.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, TypeVar, cast
+
+import pydantic
+import pydantic_core
+
+from meshlink.errors import DecodeError, EncodeError
+
+__all__ = ["BINARY", "JSON", "Decoder", "decoder_for", "encode", "type_name"]
+
+T = TypeVar("T")
+JSON = "application/json"
+BINARY = "application/octet-stream"
+
+
+def encode(payload: object) -> tuple[bytes, str]:
+    """Return ``(body, content_type)`` for ``payload``."""
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return bytes(payload), BINARY
+    if isinstance(payload, pydantic.BaseModel):
+        return payload.model_dump_json().encode(), JSON
+    try:
+        return pydantic_core.to_json(payload), JSON
+    except pydantic_core.PydanticSerializationError as exc:
+        raise EncodeError(f"cannot encode {type(payload).__name__} as JSON: {exc}") from exc
+
+
+def type_name(payload: object) -> str:
+    """The default ``ce_type`` of a payload: its class name for models, else empty."""
+    if isinstance(payload, pydantic.BaseModel):
+        return type(payload).__name__
+    return ""
+
+
+class Decoder:
+    """Decodes bodies into one target type; built once per subscription."""
+
+    __slots__ = ("target", "_decode")
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+        if target is bytes:
+            self._decode = _identity
+        elif isinstance(target, type) and issubclass(target, pydantic.BaseModel):
+            self._decode = target.model_validate_json
+        else:
+            self._decode = _adapter(target).validate_json
+
+    def __call__(self, body: bytes) -> Any:
+        try:
+            return self._decode(body)
+        except pydantic.ValidationError as exc:
+            raise DecodeError(
+                f"body does not fit {getattr(self.target, '__name__', self.target)}: "
+                f"{_summarise(exc)}"
+            ) from exc
+        except ValueError as exc:  # pragma: no cover - pydantic reports JSON errors as ValidationError
+            raise DecodeError(f"body is not valid JSON: {exc}") from exc
+
+
+def decoder_for(target: type[T]) -> Decoder:
+    """Return a :class:`Decoder` for ``target``."""
+    return Decoder(target)
+
+
+def _identity(body: bytes) -> bytes:
+    return body
+
+
+@lru_cache(maxsize=256)
+def _adapter(target: Any) -> pydantic.TypeAdapter[Any]:
+    return cast("pydantic.TypeAdapter[Any]", pydantic.TypeAdapter(target))
+
+
+def _summarise(exc: pydantic.ValidationError) -> str:
+    errors = exc.errors(include_url=False)
+    parts = []
+    for err in errors[:3]:
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "body"
+        parts.append(f"{loc}: {err.get('msg')}")
+    more = f" (+{len(errors) - 3} more)" if len(errors) > 3 else ""
+    return "; ".join(parts) + more
