@@ -11,8 +11,9 @@ which is never retried.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import pydantic
 import pydantic_core
@@ -48,10 +49,11 @@ def type_name(payload: object) -> str:
 class Decoder:
     """Decodes bodies into one target type; built once per subscription."""
 
-    __slots__ = ("target", "_decode")
+    __slots__ = ("_decode", "target")
 
     def __init__(self, target: Any) -> None:
         self.target = target
+        self._decode: Callable[[bytes], Any]
         if target is bytes:
             self._decode = _identity
         elif isinstance(target, type) and issubclass(target, pydantic.BaseModel):
@@ -64,8 +66,7 @@ class Decoder:
             return self._decode(body)
         except pydantic.ValidationError as exc:
             raise DecodeError(
-                f"body does not fit {getattr(self.target, '__name__', self.target)}: "
-                f"{_summarise(exc)}"
+                f"body does not fit {getattr(self.target, '__name__', self.target)}: {_summarise(exc)}"
             ) from exc
         except ValueError as exc:  # pragma: no cover - pydantic reports JSON errors as ValidationError
             raise DecodeError(f"body is not valid JSON: {exc}") from exc
@@ -82,7 +83,7 @@ def _identity(body: bytes) -> bytes:
 
 @lru_cache(maxsize=256)
 def _adapter(target: Any) -> pydantic.TypeAdapter[Any]:
-    return cast("pydantic.TypeAdapter[Any]", pydantic.TypeAdapter(target))
+    return pydantic.TypeAdapter(target)
 
 
 def _summarise(exc: pydantic.ValidationError) -> str:

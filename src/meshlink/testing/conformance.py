@@ -421,3 +421,52 @@ class TransportConformance:
             await rec.wait_count(2, self.timeout)
             assert rec.ids == [now.id, late.id]
             assert rec.arrived_at[1] - started >= delay, "delayed message delivered early"
+
+    # -- a mesh on this transport ------------------------------------------------------------
+
+    async def test_graceful_shutdown_acks_what_finished_and_returns_the_rest(self) -> None:
+        from meshlink.app import Mesh
+        from meshlink.events import Event, MeshDraining
+
+        publisher = await self.connect()
+        await publisher.declare(self.dest(), "svc")
+        mesh = Mesh(self.make_transport(), service="svc", drain_timeout=2.0)
+        started: list[str] = []
+        finished: list[str] = []
+        release = asyncio.Event()
+        changed = asyncio.Condition()
+
+        @mesh.handler(self.dest(), concurrency=4)
+        async def work(message: Message) -> None:
+            started.append(message.id)
+            async with changed:
+                changed.notify_all()
+            if len(started) == 1:
+                await asyncio.Event().wait()  # never finishes: cancelled at the drain deadline
+            await release.wait()
+            finished.append(message.id)
+
+        draining = asyncio.Event()
+
+        def on_event(event: Event) -> None:
+            if isinstance(event, MeshDraining):
+                draining.set()
+
+        mesh.add_listener(on_event)
+        await mesh.start()
+        sent = [msg(i) for i in range(10)]
+        await publisher.publish_many([Outgoing(destination=self.dest(), message=m) for m in sent])
+        async with changed:
+            await asyncio.wait_for(changed.wait_for(lambda: len(started) >= 4), self.timeout)
+        stopping = asyncio.create_task(mesh.stop())
+        await asyncio.wait_for(draining.wait(), self.timeout)
+        release.set()
+        await asyncio.wait_for(stopping, self.timeout)
+        assert len(finished) == 3, "the three releasable handlers finish during the drain"
+
+        second = await self.connect()
+        rest = Recorder()
+        await self.sub(second, self.dest(), "svc", rest)
+        await rest.wait_count(len(sent) - len(finished), self.timeout)
+        assert set(rest.ids).isdisjoint(finished), "a message that finished was delivered again"
+        assert sorted(rest.ids + finished) == sorted(m.id for m in sent), "a message was lost"

@@ -15,9 +15,9 @@ from meshlink.transport.memory import MemoryBroker, MemoryTransport
 from meshlink.transport.registry import ENTRY_POINT_GROUP, available_schemes, transport_from_url
 
 __all__ = [
-    "ENTRY_POINT_GROUP",
     "Delivery",
     "DeliveryCallback",
+    "ENTRY_POINT_GROUP",
     "Explainable",
     "Idleable",
     "MemoryBroker",

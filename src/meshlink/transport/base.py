@@ -123,7 +123,7 @@ class Delivery(abc.ABC):
     class enforces "exactly once".
     """
 
-    __slots__ = ("message", "destination", "group", "redelivered", "delivery_count", "settled")
+    __slots__ = ("delivery_count", "destination", "group", "message", "redelivered", "settled")
 
     def __init__(
         self,

@@ -25,6 +25,7 @@ transport contract and passes the same conformance suite as RabbitMQ and Kafka.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import weakref
 from collections import deque
@@ -35,6 +36,7 @@ import structlog
 
 from meshlink.clock import Clock, SystemClock
 from meshlink.errors import ConfigurationError, TransportClosedError, UnroutableError
+from meshlink.logs import redact_url
 from meshlink.message import Message
 from meshlink.transport.base import (
     Delivery,
@@ -51,7 +53,7 @@ _BROKERS: weakref.WeakValueDictionary[str, MemoryBroker] = weakref.WeakValueDict
 
 
 class _Entry:
-    __slots__ = ("message", "count")
+    __slots__ = ("count", "message")
 
     def __init__(self, message: Message) -> None:
         self.message = message
@@ -59,7 +61,7 @@ class _Entry:
 
 
 class _Group:
-    __slots__ = ("name", "destination", "ready", "busy_keys", "subs", "turn")
+    __slots__ = ("busy_keys", "destination", "name", "ready", "subs", "turn")
 
     def __init__(self, destination: str, name: str) -> None:
         self.destination = destination
@@ -194,7 +196,7 @@ class MemoryBroker:
 
 
 class _MemoryDelivery(Delivery):
-    __slots__ = ("_sub", "_entry")
+    __slots__ = ("_entry", "_sub")
 
     def __init__(self, sub: _MemorySubscription, entry: _Entry) -> None:
         super().__init__(
@@ -301,10 +303,8 @@ class _MemorySubscription(Subscription):
             return
         self.stopped = True
         self._worker.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await self._worker
-        except asyncio.CancelledError:
-            pass
         self._return_inbox()
         self.broker.touch()
 
@@ -336,9 +336,7 @@ class MemoryTransport(Transport):
         if parts.scheme != "memory":
             raise ConfigurationError("url", f"not a memory:// URL: {parts.scheme}://")
         if options:
-            raise ConfigurationError(
-                "transport_options", f"memory:// takes no options {sorted(options)}"
-            )
+            raise ConfigurationError("transport_options", f"memory:// takes no options {sorted(options)}")
         query = parse_qs(parts.query)
         unroutable = query.get("unroutable", ["error"])[0]
         if unroutable not in ("error", "drop"):
@@ -358,7 +356,7 @@ class MemoryTransport(Transport):
         return self._broker
 
     def describe(self) -> str:
-        return f"memory://{self.name}"
+        return redact_url(f"memory://{self.name}")
 
     async def connect(self) -> None:
         broker = _BROKERS.get(self.name)
@@ -422,8 +420,5 @@ class MemoryTransport(Transport):
         for dest, groups in sorted(broker.destinations.items()):
             out.append({"kind": "destination", "name": dest})
             for name, g in sorted(groups.items()):
-                out.append(
-                    {"kind": "group", "destination": dest, "name": name, "ready": len(g.ready)}
-                )
+                out.append({"kind": "group", "destination": dest, "name": name, "ready": len(g.ready)})
         return out
-

@@ -1,0 +1,3 @@
+from meshlink.cli import main
+
+main()

@@ -1,0 +1,361 @@
+"""The :class:`Mesh`: register handlers, publish, run."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import structlog
+
+from meshlink.clock import Clock, SystemClock
+from meshlink.codec import encode, type_name
+from meshlink.dispatch import Dispatcher
+from meshlink.errors import ConfigurationError, EncodeError, TransportClosedError
+from meshlink.events import Event, Listener, MeshDraining, MessagePublished
+from meshlink.handler import HandlerSpec, UserHandler, inspect_handler
+from meshlink.logs import redact_url
+from meshlink.message import RESERVED_HEADERS, Message
+from meshlink.pipeline import Middleware
+from meshlink.transport.base import Transport
+from meshlink.transport.registry import transport_from_url
+
+__all__ = ["DEFAULT_CONCURRENCY", "DEFAULT_DRAIN_TIMEOUT", "Mesh"]
+
+F = TypeVar("F", bound=UserHandler)
+Hook = Callable[[], Awaitable[None]]
+H = TypeVar("H", bound=Hook)
+_log = structlog.get_logger("meshlink.mesh")
+
+DEFAULT_CONCURRENCY = 16
+"""Handler concurrency (and transport prefetch) when a handler does not say."""
+DEFAULT_DRAIN_TIMEOUT = 30.0
+"""Seconds a stopping mesh waits for running handlers before giving their messages back."""
+DEAD_LETTER_GROUP = "dlq"
+"""The group declared on every dead-letter destination, which keeps its messages."""
+
+
+class Mesh:
+    """A service's connection to the message mesh: its handlers and its publisher.
+
+    Args:
+        url: broker URL (``memory://``, ``amqp://…``, ``kafka://…``) or a
+            :class:`~meshlink.transport.Transport` instance.
+        service: this service's name; the ``ce_source`` of what it publishes and
+            the default consumer group of its handlers.
+        middleware: middleware applied to every handler, outside the handler's own.
+        clock: time source for every time-based behaviour (tests inject a FakeClock).
+        drain_timeout: seconds :meth:`stop` waits for running handlers.
+        transport_options: keyword options for the transport built from ``url``.
+
+    Example:
+        >>> mesh = Mesh("memory://", service="billing")
+        >>> @mesh.handler("orders.placed")
+        ... async def charge(event: OrderPlaced, ctx: Context) -> None: ...  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        url: str | Transport = "memory://",
+        *,
+        service: str = "meshlink",
+        middleware: Sequence[Middleware] = (),
+        clock: Clock | None = None,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+        transport_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not service or not isinstance(service, str):
+            raise ConfigurationError("service", "must be a non-empty string")
+        if drain_timeout < 0:
+            raise ConfigurationError("drain_timeout", f"must be >= 0, got {drain_timeout}")
+        self.service = service
+        self.clock: Clock = clock or SystemClock()
+        self.drain_timeout = drain_timeout
+        self.middleware = list(middleware)
+        if isinstance(url, Transport):
+            self.transport = url
+        else:
+            options = dict(transport_options or {})
+            if url.startswith("memory:") and clock is not None:
+                options.setdefault("clock", clock)
+            self.transport = transport_from_url(url, **options)
+        self.handlers: list[HandlerSpec] = []
+        self.dispatchers: list[Dispatcher] = []
+        self._listeners: list[Listener] = []
+        self._started = False
+        self._stop_requested: asyncio.Event | None = None
+        self._on_start: list[Hook] = []
+        self._on_stop: list[Hook] = []
+
+    # -- registration ----------------------------------------------------------------
+
+    def handler(
+        self,
+        destination: str,
+        *,
+        group: str | None = None,
+        name: str | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        dead_letter: str | None = None,
+        middleware: Sequence[Middleware] = (),
+        options: Mapping[str, Any] | None = None,
+    ) -> Callable[[F], F]:
+        """Register an async handler for ``destination``.
+
+        The handler's first parameter is annotated with the payload type (a
+        pydantic model, ``Message`` for the raw envelope, ``bytes``, or anything
+        pydantic can validate); an optional second parameter receives the
+        :class:`~meshlink.Context`.
+
+        Args:
+            destination: what to consume.
+            group: consumer group; defaults to the service name. Replicas of one
+                service share it and compete; other groups get their own copy.
+            name: handler name; defaults to the function's name.
+            concurrency: most messages handled at once (also the prefetch).
+            dead_letter: where failed messages go; default ``<destination>.<group>.dlq``.
+            middleware: handler-level middleware, first listed outermost.
+            options: transport-specific subscription options.
+
+        Raises:
+            ConfigurationError: on a duplicate handler, an unannotated payload, a
+                non-async function, or a bad setting.
+        """
+        if not destination:
+            raise ConfigurationError("destination", "must be a non-empty string")
+        if concurrency < 1:
+            raise ConfigurationError("concurrency", f"must be >= 1, got {concurrency}")
+
+        def register(fn: F) -> F:
+            handler_name: str = name or str(getattr(fn, "__name__", repr(fn)))
+            payload_type, wants_context = inspect_handler(fn, name=handler_name)
+            the_group = group or self.service
+            for other in self.handlers:
+                if other.name == handler_name:
+                    raise ConfigurationError("handler", f"a handler named {handler_name!r} exists already")
+                if (other.destination, other.group) == (destination, the_group):
+                    raise ConfigurationError(
+                        "group",
+                        f"{handler_name!r} and {other.name!r} both consume {destination!r} in group "
+                        f"{the_group!r}; give one of them another group= to receive every message",
+                    )
+            if self._started:
+                raise ConfigurationError("handler", f"{handler_name!r} registered after the mesh started")
+            self.handlers.append(
+                HandlerSpec(
+                    name=handler_name,
+                    destination=destination,
+                    group=the_group,
+                    fn=fn,
+                    payload_type=payload_type,
+                    wants_context=wants_context,
+                    concurrency=concurrency,
+                    dead_letter=dead_letter or f"{destination}.{the_group}.dlq",
+                    middleware=tuple(middleware),
+                    options=dict(options or {}),
+                )
+            )
+            return fn
+
+        return register
+
+    def on_start(self, hook: H) -> H:
+        """Decorator: run ``async def hook()`` once the mesh has started (handlers running)."""
+        self._on_start.append(hook)
+        return hook
+
+    def on_stop(self, hook: H) -> H:
+        """Decorator: run ``async def hook()`` after the mesh has stopped and closed."""
+        self._on_stop.append(hook)
+        return hook
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener`` with every :mod:`~meshlink.events` event this mesh emits."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        """Stop calling ``listener``."""
+        self._listeners.remove(listener)
+
+    def emit(self, event: Event) -> None:
+        """Send ``event`` to every listener; a failing listener is logged and skipped."""
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:
+                _log.exception("event listener failed", listener=repr(listener))
+
+    # -- publishing --------------------------------------------------------------------
+
+    def message(
+        self,
+        payload: object,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        type: str | None = None,
+        idempotency_key: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Message:
+        """Build the envelope :meth:`publish` would send (useful for outboxes and tests)."""
+        if isinstance(payload, Message):
+            return payload
+        if headers:
+            reserved = RESERVED_HEADERS.intersection(headers)
+            if reserved or any(h.startswith("x-meshlink-") for h in headers):
+                raise EncodeError(
+                    f"headers {sorted(reserved) or 'x-meshlink-*'} are envelope fields; "
+                    "use the keyword arguments of publish() instead"
+                )
+        body, content_type = encode(payload)
+        return Message(
+            body=body,
+            content_type=content_type,
+            type=type if type is not None else type_name(payload),
+            source=self.service,
+            key=key,
+            headers=dict(headers or {}),
+            idempotency_key=idempotency_key or "",
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+        )
+
+    async def publish(
+        self,
+        destination: str,
+        payload: object,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        type: str | None = None,
+        idempotency_key: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        delay: float | None = None,
+    ) -> Message:
+        """Encode ``payload`` and publish it; returns once the broker confirmed it.
+
+        ``payload`` may be a pydantic model, anything pydantic can serialise, raw
+        ``bytes``, or a ready :class:`~meshlink.Message` (sent as is).
+
+        Raises:
+            TransportClosedError: the mesh is not started.
+            PublishError: the broker did not confirm (see its subclasses).
+        """
+        if not self._started:
+            raise TransportClosedError("the mesh is not started; call `await mesh.start()` first")
+        message = self.message(
+            payload,
+            key=key,
+            headers=headers,
+            type=type,
+            idempotency_key=idempotency_key,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+        )
+        await self.transport.publish(destination, message, delay=delay)
+        self.emit(MessagePublished(destination=destination, message=message, delay=delay))
+        return message
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect (failing fast if the broker is unreachable) and start every handler."""
+        if self._started:
+            return
+        await self.transport.connect()
+        self._started = True
+        try:
+            for spec in self.handlers:
+                await self.transport.declare(spec.dead_letter, DEAD_LETTER_GROUP)
+            for spec in self.handlers:
+                dispatcher = Dispatcher(self, spec, self.middleware)
+                dispatcher.subscription = await self.transport.subscribe(
+                    dispatcher.subscription_spec, dispatcher.on_delivery
+                )
+                self.dispatchers.append(dispatcher)
+        except BaseException:
+            await self.stop()
+            raise
+        for hook in self._on_start:
+            await hook()
+        _log.info(
+            "mesh started",
+            service=self.service,
+            transport=redact_url(self.transport.describe()),
+            handlers=[h.name for h in self.handlers],
+        )
+
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        """Stop fetching, let running handlers finish (up to the drain timeout), close.
+
+        Handlers still running at the deadline are cancelled and their messages go
+        back to the broker; everything that finished was acked. Nothing is lost.
+        """
+        if not self._started:
+            return
+        self._started = False
+        timeout = self.drain_timeout if drain_timeout is None else drain_timeout
+        for d in self.dispatchers:
+            await d.stop_fetching()
+        self.emit(MeshDraining(service=self.service, in_flight=self.in_flight, deadline=timeout))
+        deadline = asyncio.get_running_loop().time() + timeout
+        cancelled = 0
+        for d in self.dispatchers:
+            cancelled += await d.drain(deadline)
+        await self.transport.close()
+        self.dispatchers.clear()
+        _log.info("mesh stopped", service=self.service, cancelled_in_flight=cancelled)
+        for hook in self._on_stop:
+            await hook()
+
+    @property
+    def started(self) -> bool:
+        """Whether the mesh is running."""
+        return self._started
+
+    @property
+    def in_flight(self) -> int:
+        """Handler tasks running right now."""
+        return sum(len(d.tasks) for d in self.dispatchers)
+
+    async def __aenter__(self) -> Mesh:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    def request_stop(self) -> None:
+        """Ask :meth:`serve` to stop (what SIGINT and SIGTERM do)."""
+        if self._stop_requested is not None:
+            self._stop_requested.set()
+
+    async def serve(self) -> None:
+        """Start, run until :meth:`request_stop` or SIGINT/SIGTERM, then stop gracefully."""
+        self._stop_requested = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        installed: list[signal.Signals] = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self.request_stop)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError):  # pragma: no cover - not main thread / Windows
+                pass
+        try:
+            await self.start()
+            await self._stop_requested.wait()
+            _log.info("stop requested; draining", service=self.service)
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+    def run(self) -> None:
+        """Run the mesh in a new event loop until SIGINT or SIGTERM."""
+        asyncio.run(self.serve())

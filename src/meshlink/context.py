@@ -1,0 +1,79 @@
+"""The per-message context a handler receives as its second argument."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from meshlink.message import Message
+from meshlink.transport.base import Delivery
+
+if TYPE_CHECKING:
+    from meshlink.app import Mesh
+
+__all__ = ["Context"]
+
+
+class Context:
+    """What a handler knows about the message it handles, and how it replies.
+
+    Attributes:
+        message: the envelope as received.
+        delivery: the transport's delivery (settled by the mesh, not by handlers).
+        handler: the handler's name.
+        payload: the decoded body (set by the decode stage).
+        log: a structlog logger bound to this message.
+        items: free space for middleware to pass values down the chain.
+    """
+
+    __slots__ = ("_mesh", "delivery", "handler", "items", "log", "message", "payload")
+
+    def __init__(self, mesh: Mesh, delivery: Delivery, handler: str) -> None:
+        self._mesh = mesh
+        self.delivery = delivery
+        self.message: Message = delivery.message
+        self.handler = handler
+        self.payload: Any = None
+        self.log: structlog.typing.FilteringBoundLogger = structlog.get_logger("meshlink.handler")
+        self.items: dict[str, Any] = {}
+
+    @property
+    def destination(self) -> str:
+        """Where the message was consumed from."""
+        return self.delivery.destination
+
+    @property
+    def group(self) -> str:
+        """The consumer group that received it."""
+        return self.delivery.group
+
+    @property
+    def attempt(self) -> int:
+        """The delivery attempt (1 on the first delivery)."""
+        return self.message.attempt
+
+    async def publish(
+        self,
+        destination: str,
+        payload: object,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        type: str | None = None,
+        idempotency_key: str | None = None,
+        delay: float | None = None,
+    ) -> Message:
+        """Publish a message caused by this one (correlation and causation ids are carried)."""
+        return await self._mesh.publish(
+            destination,
+            payload,
+            key=key,
+            headers=headers,
+            type=type,
+            idempotency_key=idempotency_key,
+            delay=delay,
+            correlation_id=self.message.correlation_id or self.message.id,
+            causation_id=self.message.id,
+        )

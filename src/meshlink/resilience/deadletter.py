@@ -1,0 +1,79 @@
+"""Dead-lettering: move a failed message aside with the reason in its headers.
+
+The dead-lettered copy keeps the original id, body, key and envelope, and adds
+the failure headers below, so that ``meshlink dlq`` (or any tool reading the
+broker) can tell what failed, where and how often, and replay it unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from meshlink.message import FAILURE_PREFIX, Message
+
+__all__ = [
+    "ERROR_MESSAGE",
+    "ERROR_TYPE",
+    "FAILED_ATTEMPTS",
+    "FIRST_FAILED_AT",
+    "HANDLER",
+    "LAST_FAILED_AT",
+    "ORIGINAL_DESTINATION",
+    "ORIGINAL_GROUP",
+    "DeadLetter",
+    "failure_headers",
+]
+
+ERROR_TYPE = FAILURE_PREFIX + "error-type"
+ERROR_MESSAGE = FAILURE_PREFIX + "error-message"
+HANDLER = FAILURE_PREFIX + "handler"
+FAILED_ATTEMPTS = FAILURE_PREFIX + "attempts"
+FIRST_FAILED_AT = FAILURE_PREFIX + "first-failed-at"
+LAST_FAILED_AT = FAILURE_PREFIX + "last-failed-at"
+ORIGINAL_DESTINATION = FAILURE_PREFIX + "original-destination"
+ORIGINAL_GROUP = FAILURE_PREFIX + "original-group"
+_MAX_ERROR_TEXT = 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeadLetter:
+    """Where and why a message is dead-lettered."""
+
+    destination: str
+    """The dead-letter destination."""
+    reason: str
+    """Human-readable reason (the error text)."""
+
+
+def failure_headers(
+    message: Message,
+    *,
+    error: BaseException,
+    handler: str,
+    destination: str,
+    group: str,
+    location: Mapping[str, str],
+    now: datetime | None = None,
+) -> dict[str, str]:
+    """The ``x-meshlink-*`` headers describing why ``message`` failed.
+
+    ``first-failed-at`` is kept from an earlier failure if the message carries one,
+    so the time budget spans every layer and replica.
+    """
+    when = (now or datetime.now(UTC)).isoformat()
+    text = str(error) or type(error).__name__
+    headers = {
+        ERROR_TYPE: f"{type(error).__module__}.{type(error).__qualname__}",
+        ERROR_MESSAGE: text[:_MAX_ERROR_TEXT],
+        HANDLER: handler,
+        FAILED_ATTEMPTS: str(message.attempt),
+        FIRST_FAILED_AT: message.headers.get(FIRST_FAILED_AT, when),
+        LAST_FAILED_AT: when,
+        ORIGINAL_DESTINATION: destination,
+        ORIGINAL_GROUP: group,
+    }
+    for name, value in location.items():
+        headers[f"{FAILURE_PREFIX}original-{name}"] = value
+    return headers

@@ -1,0 +1,39 @@
+"""The meshlink command."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import structlog
+from typer.testing import CliRunner
+
+from meshlink import ConfigurationError, __version__
+from meshlink.cli import app, load_mesh
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    yield
+    structlog.reset_defaults()  # `run` configures structlog for the process
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"meshlink {__version__}"
+
+
+def test_run_reports_a_bad_target_naming_the_setting() -> None:
+    result = runner.invoke(app, ["run", "no_such_module_xyz:mesh"])
+    assert result.exit_code == 2
+    assert "app: cannot import 'no_such_module_xyz'" in result.output
+
+
+def test_load_mesh_refuses_what_is_not_a_mesh() -> None:
+    with pytest.raises(ConfigurationError, match=r"not a meshlink\.Mesh"):
+        load_mesh("os:sep")
+    with pytest.raises(ConfigurationError, match="module:attribute"):
+        load_mesh("just_a_module")

@@ -1,0 +1,81 @@
+"""The envelope and its wire headers; the codec."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from pydantic import BaseModel
+
+from meshlink import DecodeError, Message
+from meshlink.codec import Decoder, encode, type_name
+from meshlink.errors import EncodeError, is_retryable
+
+
+class Item(BaseModel):
+    sku: str
+    qty: int
+
+
+def test_wire_headers_use_cloudevents_binary_names() -> None:
+    m = Message(body=b"{}", type="T", source="svc", correlation_id="c", causation_id="k", attempt=2)
+    h = m.to_headers()
+    assert h["ce_specversion"] == "1.0"
+    assert h["ce_id"] == m.id
+    assert h["ce_type"] == "T"
+    assert h["ce_source"] == "svc"
+    assert datetime.fromisoformat(h["ce_time"]) == m.time
+    assert h["content-type"] == "application/json"
+    assert h["correlation-id"] == "c"
+    assert h["causation-id"] == "k"
+    assert h["idempotency-key"] == m.id
+    assert h["attempt"] == "2"
+
+
+def test_round_trip_through_headers_is_lossless() -> None:
+    m = Message(
+        body=b"x",
+        type="T",
+        key="k",
+        idempotency_key="biz-1",
+        time=datetime(2020, 1, 1, tzinfo=UTC),
+        headers={"a": "1"},
+    )
+    assert Message.from_headers(m.to_headers(), m.body, key="k") == m
+
+
+def test_message_is_immutable() -> None:
+    m = Message(body=b"x", headers={"a": "1"})
+    with pytest.raises(AttributeError):
+        m.type = "other"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        m.headers["a"] = "2"  # type: ignore[index]
+
+
+def test_foreign_message_without_envelope_headers_is_still_readable() -> None:
+    m = Message.from_headers({"attempt": b"not-a-number", "ce_time": "yesterday", "x": b"y"}, b"{}")
+    assert m.id
+    assert m.idempotency_key == m.id
+    assert m.attempt == 1
+    assert m.headers == {"x": "y"}
+
+
+def test_codec_encodes_models_dicts_and_passes_bytes_through() -> None:
+    assert encode(Item(sku="a", qty=1)) == (b'{"sku":"a","qty":1}', "application/json")
+    assert encode({"a": [1, 2]}) == (b'{"a":[1,2]}', "application/json")
+    assert encode(b"\x00raw") == (b"\x00raw", "application/octet-stream")
+    assert type_name(Item(sku="a", qty=1)) == "Item"
+    with pytest.raises(EncodeError):
+        encode(object())
+
+
+def test_decode_failure_is_a_typed_non_retryable_error() -> None:
+    decode = Decoder(Item)
+    assert decode(b'{"sku":"a","qty":2}') == Item(sku="a", qty=2)
+    with pytest.raises(DecodeError, match="qty") as err:
+        decode(b'{"sku":"a","qty":"many"}')
+    assert not is_retryable(err.value)
+    with pytest.raises(DecodeError):
+        decode(b"{not json")
+    assert Decoder(list[int])(b"[1,2]") == [1, 2]
+    assert is_retryable(RuntimeError())
