@@ -179,6 +179,11 @@ class Mesh:
         """Stop calling ``listener``."""
         self._listeners.remove(listener)
 
+    @property
+    def has_listeners(self) -> bool:
+        """Whether any listener is registered (lets hot paths skip building events)."""
+        return bool(self._listeners)
+
     def emit(self, event: Event) -> None:
         """Send ``event`` to every listener; a failing listener is logged and skipped."""
         for listener in self._listeners:
@@ -257,7 +262,8 @@ class Mesh:
             causation_id=causation_id,
         )
         await self.transport.publish(destination, message, delay=delay)
-        self.emit(MessagePublished(destination=destination, message=message, delay=delay))
+        if self._listeners:
+            self.emit(MessagePublished(destination=destination, message=message, delay=delay))
         return message
 
     # -- lifecycle -------------------------------------------------------------------------

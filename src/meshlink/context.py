@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Context"]
 
+_handler_log = structlog.get_logger("meshlink.handler")
+
 
 class Context:
     """What a handler knows about the message it handles, and how it replies.
@@ -24,11 +26,9 @@ class Context:
         delivery: the transport's delivery (settled by the mesh, not by handlers).
         handler: the handler's name.
         payload: the decoded body (set by the decode stage).
-        log: a structlog logger bound to this message.
-        items: free space for middleware to pass values down the chain.
     """
 
-    __slots__ = ("_mesh", "delivery", "handler", "items", "log", "message", "payload")
+    __slots__ = ("_items", "_mesh", "delivery", "handler", "message", "payload")
 
     def __init__(self, mesh: Mesh, delivery: Delivery, handler: str) -> None:
         self._mesh = mesh
@@ -36,8 +36,19 @@ class Context:
         self.message: Message = delivery.message
         self.handler = handler
         self.payload: Any = None
-        self.log: structlog.typing.FilteringBoundLogger = structlog.get_logger("meshlink.handler")
-        self.items: dict[str, Any] = {}
+        self._items: dict[str, Any] | None = None
+
+    @property
+    def log(self) -> Any:
+        """A structlog logger; the message's ids are bound through context variables."""
+        return _handler_log
+
+    @property
+    def items(self) -> dict[str, Any]:
+        """Free space for middleware to pass values down the chain (created on first use)."""
+        if self._items is None:
+            self._items = {}
+        return self._items
 
     @property
     def destination(self) -> str:

@@ -44,6 +44,7 @@ class Dispatcher:
         self.subscription: Subscription | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self._key_tails: dict[str, asyncio.Task[None]] = {}
+        self._task_keys: dict[asyncio.Task[None], str] = {}
         self._decode = spec.decoder()
         self._pipeline = compose([*middleware, *spec.middleware], self._call_user)
         self.handled = 0
@@ -63,13 +64,15 @@ class Dispatcher:
         previous = self._key_tails.get(key) if key is not None else None
         task = asyncio.get_running_loop().create_task(self._run(delivery, previous))
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
         if key is not None:
             self._key_tails[key] = task
-            task.add_done_callback(lambda t, k=key: self._forget_key(k, t))  # type: ignore[misc]
+            self._task_keys[task] = key
+        task.add_done_callback(self._finished)
 
-    def _forget_key(self, key: str, task: asyncio.Task[None]) -> None:
-        if self._key_tails.get(key) is task:
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        key = self._task_keys.pop(task, None)
+        if key is not None and self._key_tails.get(key) is task:
             del self._key_tails[key]
 
     # -- one delivery ----------------------------------------------------------------
@@ -77,21 +80,23 @@ class Dispatcher:
     async def _run(self, delivery: Delivery, previous: asyncio.Task[None] | None) -> None:
         message = delivery.message
         ctx = Context(self.mesh, delivery, self.spec.name)
-        with structlog.contextvars.bound_contextvars(
+        # Each delivery runs in its own task, whose context is a copy: binding here
+        # needs no reset, and costs half of structlog's bound_contextvars().
+        structlog.contextvars.bind_contextvars(
             message_id=message.id,
             message_type=message.type,
             correlation_id=message.correlation_id or message.id,
             handler=self.spec.name,
             attempt=message.attempt,
-        ):
-            try:
-                if previous is not None and not previous.done():
-                    await asyncio.wait([previous])
-                await self._settle(ctx)
-            except asyncio.CancelledError:
-                if delivery.settled is None:
-                    await self._give_back(delivery)
-                raise
+        )
+        try:
+            if previous is not None and not previous.done():
+                await asyncio.wait([previous])
+            await self._settle(ctx)
+        except asyncio.CancelledError:
+            if delivery.settled is None:
+                await self._give_back(delivery)
+            raise
 
     async def _settle(self, ctx: Context) -> None:
         """The outermost stage: ack on success, dead-letter on failure."""
@@ -114,16 +119,17 @@ class Dispatcher:
             await self._on_failure(ctx, exc)
             return
         self.handled += 1
-        self._emit(
-            MessageHandled(
-                handler=self.spec.name,
-                destination=self.spec.destination,
-                group=self.spec.group,
-                message=ctx.message,
-                payload=ctx.payload,
-                duration=time.perf_counter() - started,
+        if self.mesh.has_listeners:
+            self._emit(
+                MessageHandled(
+                    handler=self.spec.name,
+                    destination=self.spec.destination,
+                    group=self.spec.group,
+                    message=ctx.message,
+                    payload=ctx.payload,
+                    duration=time.perf_counter() - started,
+                )
             )
-        )
         await self._safe(delivery.ack)
 
     async def _call_user(self, ctx: Context) -> None:
