@@ -4,6 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DISTS  := $(sort $(dir $(wildcard adapters/*/pyproject.toml contrib/*/pyproject.toml)))
 SRCS   := src $(addsuffix src,$(DISTS))
+LINTED := src tests examples benchmarks scripts $(DISTS)
 STAMP  := $(VENV)/.installed
 
 .PHONY: install demo test lint typecheck unit chaos bench clean
@@ -21,8 +22,8 @@ demo: $(STAMP)  ## run the example billing service on memory://
 	$(PY) examples/02_demo.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests examples benchmarks adapters contrib
-	$(VENV)/bin/ruff format --check src tests examples benchmarks adapters contrib
+	$(VENV)/bin/ruff check $(wildcard $(LINTED))
+	$(VENV)/bin/ruff format --check $(wildcard $(LINTED))
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy --strict $(SRCS)
