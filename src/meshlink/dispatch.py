@@ -43,6 +43,8 @@ class Dispatcher:
         self.spec = spec
         self.subscription: Subscription | None = None
         self.tasks: set[asyncio.Task[None]] = set()
+        # tasks whose handler has returned: they only settle now and are never cancelled
+        self._settling: set[asyncio.Task[None]] = set()
         self._key_tails: dict[str, asyncio.Task[None]] = {}
         self._task_keys: dict[asyncio.Task[None], str] = {}
         self._decode = spec.decoder()
@@ -71,6 +73,7 @@ class Dispatcher:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
+        self._settling.discard(task)
         key = self._task_keys.pop(task, None)
         if key is not None and self._key_tails.get(key) is task:
             del self._key_tails[key]
@@ -106,6 +109,7 @@ class Dispatcher:
             ctx.payload = self._decode(ctx.message)
             await self._pipeline(ctx)
         except Exception as exc:
+            self._enter_settling()
             self.failed += 1
             self._emit(
                 HandlerFailed(
@@ -118,6 +122,7 @@ class Dispatcher:
             )
             await self._on_failure(ctx, exc)
             return
+        self._enter_settling()
         self.handled += 1
         if self.mesh.has_listeners:
             self._emit(
@@ -131,6 +136,11 @@ class Dispatcher:
                 )
             )
         await self._safe(delivery.ack)
+
+    def _enter_settling(self) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._settling.add(task)
 
     async def _call_user(self, ctx: Context) -> None:
         if self.spec.wants_context:
@@ -207,14 +217,18 @@ class Dispatcher:
     async def drain(self, deadline: float) -> int:
         """Wait for running handlers until ``deadline`` (loop time); cancel the rest.
 
+        A handler that has returned is never cancelled: its ack or dead-letter
+        publish completes, so a message that finished is not delivered again.
+
         Returns how many handlers were cancelled (their messages went back to the broker).
         """
         loop = asyncio.get_running_loop()
         pending = set(self.tasks)
         if pending:
             _, pending = await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time()))
-        for task in pending:
+        cancelled = [t for t in pending if t not in self._settling]
+        for task in cancelled:
             task.cancel()
         if pending:
             await asyncio.wait(pending)
-        return len(pending)
+        return len(cancelled)
