@@ -9,6 +9,7 @@ import structlog
 from pydantic import BaseModel
 
 from meshlink import ConfigurationError, Context, Mesh, Message, Reject, TransportClosedError
+from meshlink.resilience.policy import Retry
 from meshlink.errors import EncodeError
 from meshlink.pipeline import Handler
 from meshlink.resilience.deadletter import (
@@ -125,7 +126,7 @@ async def test_schema_invalid_message_is_dead_lettered_with_reason_and_consumer_
 async def test_failing_handler_is_dead_lettered_with_the_error(memory_url: str) -> None:
     mesh = Mesh(memory_url, service="s")
 
-    @mesh.handler("jobs", dead_letter="jobs.parked")
+    @mesh.handler("jobs", dead_letter="jobs.parked", retry=Retry.none())
     async def work(job: dict[str, int]) -> None:
         if job["n"] == 2:
             raise Reject("n must not be 2")
@@ -138,7 +139,10 @@ async def test_failing_handler_is_dead_lettered_with_the_error(memory_url: str) 
         await h.idle()
         parked = mesh.transport.broker.peek("jobs.parked", "dlq")  # type: ignore[attr-defined]
     assert [p["n"] for p in h.payloads()] == [1, 4]  # type: ignore[index]
-    assert [e.reason for e in h.dead_lettered] == ["n must not be 2", "database down"]
+    assert [e.reason for e in h.dead_lettered] == [
+        "permanent error: n must not be 2",
+        "attempt budget of 1 exhausted: database down",
+    ]
     assert [m.headers[ERROR_TYPE] for m in parked] == ["meshlink.errors.Reject", "builtins.RuntimeError"]
 
 

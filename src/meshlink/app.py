@@ -19,18 +19,30 @@ from meshlink.handler import HandlerSpec, UserHandler, inspect_handler
 from meshlink.logs import redact_url
 from meshlink.message import RESERVED_HEADERS, Message
 from meshlink.pipeline import Middleware
+from meshlink.resilience.breaker import Breaker, CircuitBreaker
+from meshlink.resilience.bulkhead import Bulkhead
+from meshlink.resilience.defaults import DEFAULTS, Policies
+from meshlink.resilience.idempotency import Idempotency
+from meshlink.resilience.policy import Retry
 from meshlink.transport.base import Transport
 from meshlink.transport.registry import transport_from_url
 
-__all__ = ["DEFAULT_CONCURRENCY", "DEFAULT_DRAIN_TIMEOUT", "Mesh"]
+__all__ = ["DEFAULT_DRAIN_TIMEOUT", "UNSET", "Mesh"]
 
 F = TypeVar("F", bound=UserHandler)
 Hook = Callable[[], Awaitable[None]]
 H = TypeVar("H", bound=Hook)
 _log = structlog.get_logger("meshlink.mesh")
 
-DEFAULT_CONCURRENCY = 16
-"""Handler concurrency (and transport prefetch) when a handler does not say."""
+
+class _Unset:
+    """Marks a keyword that was not given (``None`` means "none" for some policies)."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET = _Unset()
 DEFAULT_DRAIN_TIMEOUT = 30.0
 """Seconds a stopping mesh waits for running handlers before giving their messages back."""
 DEAD_LETTER_GROUP = "dlq"
@@ -48,6 +60,8 @@ class Mesh:
         middleware: middleware applied to every handler, outside the handler's own.
         clock: time source for every time-based behaviour (tests inject a FakeClock).
         drain_timeout: seconds :meth:`stop` waits for running handlers.
+        defaults: the policies of handlers that do not set their own
+            (see :mod:`meshlink.resilience.defaults`).
         transport_options: keyword options for the transport built from ``url``.
 
     Example:
@@ -64,6 +78,7 @@ class Mesh:
         middleware: Sequence[Middleware] = (),
         clock: Clock | None = None,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+        defaults: Policies = DEFAULTS,
         transport_options: Mapping[str, Any] | None = None,
     ) -> None:
         if not service or not isinstance(service, str):
@@ -73,6 +88,8 @@ class Mesh:
         self.service = service
         self.clock: Clock = clock or SystemClock()
         self.drain_timeout = drain_timeout
+        self.defaults = defaults
+        self.breakers: dict[str, CircuitBreaker] = {}
         self.middleware = list(middleware)
         if isinstance(url, Transport):
             self.transport = url
@@ -97,7 +114,12 @@ class Mesh:
         *,
         group: str | None = None,
         name: str | None = None,
-        concurrency: int = DEFAULT_CONCURRENCY,
+        retry: Retry | None = None,
+        timeout: float | str | None | _Unset = UNSET,
+        concurrency: int | None = None,
+        bulkhead: Bulkhead | None = None,
+        breaker: Breaker | None | _Unset = UNSET,
+        idempotency: Idempotency | None | _Unset = UNSET,
         dead_letter: str | None = None,
         middleware: Sequence[Middleware] = (),
         options: Mapping[str, Any] | None = None,
@@ -114,8 +136,14 @@ class Mesh:
             group: consumer group; defaults to the service name. Replicas of one
                 service share it and compete; other groups get their own copy.
             name: handler name; defaults to the function's name.
+            retry: immediate tries, redelivery delays and budget (:class:`~meshlink.Retry`).
+            timeout: deadline of one try (``"10s"``), or ``None`` for none.
             concurrency: most messages handled at once (also the prefetch).
+            bulkhead: the same as ``concurrency``, as a :class:`~meshlink.Bulkhead`.
+            breaker: a :class:`~meshlink.Breaker` (named ones are shared), or ``None``.
+            idempotency: an :class:`~meshlink.Idempotency` (store and key), or ``None``.
             dead_letter: where failed messages go; default ``<destination>.<group>.dlq``.
+            Policies not given come from the mesh's ``defaults``.
             middleware: handler-level middleware, first listed outermost.
             options: transport-specific subscription options.
 
@@ -125,8 +153,21 @@ class Mesh:
         """
         if not destination:
             raise ConfigurationError("destination", "must be a non-empty string")
-        if concurrency < 1:
-            raise ConfigurationError("concurrency", f"must be >= 1, got {concurrency}")
+        d = self.defaults
+        if bulkhead is not None and concurrency is not None and bulkhead.concurrency != concurrency:
+            raise ConfigurationError(
+                "concurrency", "give concurrency= or bulkhead=, not two different limits"
+            )
+        policies = Policies(
+            retry=retry if retry is not None else d.retry,
+            timeout=d.timeout if isinstance(timeout, _Unset) else timeout,
+            concurrency=bulkhead.concurrency
+            if bulkhead
+            else (concurrency if concurrency is not None else d.concurrency),
+            breaker=d.breaker if isinstance(breaker, _Unset) else breaker,
+            idempotency=d.idempotency if isinstance(idempotency, _Unset) else idempotency,
+            max_body_bytes=d.max_body_bytes,
+        )
 
         def register(fn: F) -> F:
             handler_name: str = name or str(getattr(fn, "__name__", repr(fn)))
@@ -151,8 +192,9 @@ class Mesh:
                     fn=fn,
                     payload_type=payload_type,
                     wants_context=wants_context,
-                    concurrency=concurrency,
+                    policies=policies,
                     dead_letter=dead_letter or f"{destination}.{the_group}.dlq",
+                    retry_destination=f"{destination}.{the_group}.retry",
                     middleware=tuple(middleware),
                     options=dict(options or {}),
                 )
@@ -278,11 +320,11 @@ class Mesh:
             for spec in self.handlers:
                 await self.transport.declare(spec.dead_letter, DEAD_LETTER_GROUP)
             for spec in self.handlers:
-                dispatcher = Dispatcher(self, spec, self.middleware)
-                dispatcher.subscription = await self.transport.subscribe(
-                    dispatcher.subscription_spec, dispatcher.on_delivery
-                )
+                dispatcher = Dispatcher(self, spec, self.middleware, breaker=self._breaker_for(spec))
                 self.dispatchers.append(dispatcher)
+                await dispatcher.start()
+            for breaker in self.breakers.values():
+                await breaker.start()
         except BaseException:
             await self.stop()
             raise
@@ -305,6 +347,9 @@ class Mesh:
             return
         self._started = False
         timeout = self.drain_timeout if drain_timeout is None else drain_timeout
+        for breaker in self.breakers.values():
+            await breaker.stop()
+        self.breakers.clear()
         for d in self.dispatchers:
             await d.stop_fetching()
         self.emit(MeshDraining(service=self.service, in_flight=self.in_flight, deadline=timeout))
@@ -317,6 +362,20 @@ class Mesh:
         _log.info("mesh stopped", service=self.service, cancelled_in_flight=cancelled)
         for hook in self._on_stop:
             await hook()
+
+    def _breaker_for(self, spec: HandlerSpec) -> CircuitBreaker | None:
+        config = spec.policies.breaker
+        if config is None:
+            return None
+        name = config.name or spec.name
+        existing = self.breakers.get(name)
+        if existing is not None:
+            if existing.config != config:
+                raise ConfigurationError("breaker", f"breaker {name!r} is declared twice with other settings")
+            return existing
+        breaker = CircuitBreaker(config, name=name, clock=self.clock, emit=self.emit)
+        self.breakers[name] = breaker
+        return breaker
 
     @property
     def started(self) -> bool:

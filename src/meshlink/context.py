@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from meshlink.clock import Clock
+from meshlink.events import Event
 from meshlink.message import Message
 from meshlink.transport.base import Delivery
 
@@ -28,7 +30,7 @@ class Context:
         payload: the decoded body (set by the decode stage).
     """
 
-    __slots__ = ("_items", "_mesh", "delivery", "handler", "message", "payload")
+    __slots__ = ("_items", "_mesh", "attempt", "delivery", "first_failed_at", "handler", "message", "payload")
 
     def __init__(self, mesh: Mesh, delivery: Delivery, handler: str) -> None:
         self._mesh = mesh
@@ -36,6 +38,10 @@ class Context:
         self.message: Message = delivery.message
         self.handler = handler
         self.payload: Any = None
+        self.attempt: int = delivery.message.attempt
+        """The execution now running (1-based across retries and redeliveries)."""
+        self.first_failed_at: float | None = None
+        """Wall time of the first failure, once there was one."""
         self._items: dict[str, Any] | None = None
 
     @property
@@ -61,9 +67,13 @@ class Context:
         return self.delivery.group
 
     @property
-    def attempt(self) -> int:
-        """The delivery attempt (1 on the first delivery)."""
-        return self.message.attempt
+    def clock(self) -> Clock:
+        """The mesh's clock (time-based policies use it, so tests can fake time)."""
+        return self._mesh.clock
+
+    def emit(self, event: Event) -> None:
+        """Send an event to the mesh's listeners."""
+        self._mesh.emit(event)
 
     async def publish(
         self,

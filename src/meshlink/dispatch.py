@@ -1,65 +1,107 @@
-"""Running one handler's subscription: tasks per delivery, per-key order, settlement, drain.
+"""Running one handler: tasks per delivery, per-key order, the policy stack, settle, drain.
 
-A :class:`Dispatcher` is what the transport's ``on_delivery`` calls. It starts
-one task per delivery (the transport's prefetch bounds how many), keeps
+A :class:`Dispatcher` is what the transport's ``on_delivery`` calls, for the
+handler's destination and its retry destination. It starts one task per
+delivery (the transport's prefetch and the bulkhead bound how many), keeps
 messages of one key in order (a key's next message waits for the previous one,
-whatever the broker does), settles each delivery by how its pipeline ended,
-and on shutdown drains: waits for running handlers up to a deadline, then
-cancels the rest and gives their messages back to the broker.
+whatever the broker does), runs the policy stack, settles each delivery by how
+it ended, and on shutdown drains: waits for running handlers up to a deadline,
+then cancels the rest and gives their messages back to the broker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 
 from meshlink.context import Context
-from meshlink.errors import MeshlinkError, is_retryable
-from meshlink.events import Event, HandlerFailed, MessageDeadLettered, MessageHandled
+from meshlink.events import HandlerFailed, MessageHandled
 from meshlink.handler import HandlerSpec
-from meshlink.message import Message
 from meshlink.pipeline import Middleware, compose
-from meshlink.resilience.deadletter import failure_headers
+from meshlink.resilience.breaker import CircuitBreaker
+from meshlink.resilience.bulkhead import Bulkhead
+from meshlink.resilience.idempotency import IdempotencyMiddleware
+from meshlink.resilience.recoverability import Recoverability
+from meshlink.resilience.retry import RetryMiddleware
+from meshlink.resilience.timeout import Timeout
 from meshlink.transport.base import Delivery, Subscription, SubscriptionSpec
 
 if TYPE_CHECKING:
     from meshlink.app import Mesh
 
-__all__ = ["Dispatcher"]
+__all__ = ["Dispatcher", "policy_stack"]
 
-_log = structlog.get_logger("meshlink.dispatch")
+
+def policy_stack(spec: HandlerSpec, breaker: CircuitBreaker | None, bulkhead: Bulkhead) -> list[Middleware]:
+    """The resilience middleware of a handler, outermost first:
+    idempotency → breaker → bulkhead → retry → timeout."""
+    p = spec.policies
+    stack: list[Middleware] = []
+    if p.idempotency is not None:
+        stack.append(IdempotencyMiddleware(p.idempotency))
+    if breaker is not None:
+        stack.append(breaker)
+    stack.append(bulkhead)
+    if p.retry.attempts > 1:
+        stack.append(RetryMiddleware(p.retry))
+    if p.timeout is not None:
+        stack.append(Timeout(p.timeout))
+    return stack
 
 
 class Dispatcher:
-    """Feeds one handler from one subscription."""
+    """Feeds one handler from its subscriptions."""
 
-    def __init__(self, mesh: Mesh, spec: HandlerSpec, middleware: list[Middleware]) -> None:
+    def __init__(
+        self,
+        mesh: Mesh,
+        spec: HandlerSpec,
+        middleware: list[Middleware],
+        *,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
         self.mesh = mesh
         self.spec = spec
-        self.subscription: Subscription | None = None
+        self.breaker = breaker
+        self.bulkhead = Bulkhead(spec.concurrency)
+        self.subscriptions: list[Subscription] = []
         self.tasks: set[asyncio.Task[None]] = set()
         # tasks whose handler has returned: they only settle now and are never cancelled
         self._settling: set[asyncio.Task[None]] = set()
         self._key_tails: dict[str, asyncio.Task[None]] = {}
         self._task_keys: dict[asyncio.Task[None], str] = {}
         self._decode = spec.decoder()
-        self._pipeline = compose([*middleware, *spec.middleware], self._call_user)
+        self.stack = [*middleware, *spec.middleware, *policy_stack(spec, breaker, self.bulkhead)]
+        self._pipeline = compose(self.stack, self._call_user)
+        self.recoverability = Recoverability(mesh, spec)
         self.handled = 0
         self.failed = 0
 
-    @property
-    def subscription_spec(self) -> SubscriptionSpec:
-        return SubscriptionSpec(
-            destination=self.spec.destination,
-            group=self.spec.group,
-            prefetch=self.spec.concurrency,
-            options=self.spec.options,
-        )
+    def subscription_specs(self) -> list[SubscriptionSpec]:
+        """The destination, and the retry destination if failures can be redelivered."""
+        destinations = [self.spec.destination]
+        if self.spec.redelivers:
+            destinations.append(self.spec.retry_destination)
+        return [
+            SubscriptionSpec(
+                destination=d,
+                group=self.spec.group,
+                prefetch=self.spec.concurrency,
+                options=self.spec.options,
+            )
+            for d in destinations
+        ]
+
+    async def start(self) -> None:
+        """Subscribe to every destination of this handler."""
+        for sub_spec in self.subscription_specs():
+            subscription = await self.mesh.transport.subscribe(sub_spec, self.on_delivery)
+            self.subscriptions.append(subscription)
+            if self.breaker is not None:
+                self.breaker.attach(subscription)
 
     async def on_delivery(self, delivery: Delivery) -> None:
         key = delivery.message.key
@@ -97,13 +139,11 @@ class Dispatcher:
                 await asyncio.wait([previous])
             await self._settle(ctx)
         except asyncio.CancelledError:
-            if delivery.settled is None:
-                await self._give_back(delivery)
+            await self.recoverability.give_back(ctx, "stopped while running")
             raise
 
     async def _settle(self, ctx: Context) -> None:
-        """The outermost stage: ack on success, dead-letter on failure."""
-        delivery = ctx.delivery
+        """The outermost stage: ack on success; on failure, act on the policy's decision."""
         started = time.perf_counter()
         try:
             ctx.payload = self._decode(ctx.message)
@@ -111,7 +151,7 @@ class Dispatcher:
         except Exception as exc:
             self._enter_settling()
             self.failed += 1
-            self._emit(
+            self.mesh.emit(
                 HandlerFailed(
                     handler=self.spec.name,
                     destination=self.spec.destination,
@@ -120,12 +160,12 @@ class Dispatcher:
                     error=exc,
                 )
             )
-            await self._on_failure(ctx, exc)
+            await self.recoverability.on_failure(ctx, exc)
             return
         self._enter_settling()
         self.handled += 1
         if self.mesh.has_listeners:
-            self._emit(
+            self.mesh.emit(
                 MessageHandled(
                     handler=self.spec.name,
                     destination=self.spec.destination,
@@ -135,7 +175,7 @@ class Dispatcher:
                     duration=time.perf_counter() - started,
                 )
             )
-        await self._safe(delivery.ack)
+        await self.recoverability.ack(ctx)
 
     def _enter_settling(self) -> None:
         task = asyncio.current_task()
@@ -148,79 +188,19 @@ class Dispatcher:
         else:
             await self.spec.fn(ctx.payload)
 
-    async def _on_failure(self, ctx: Context, exc: Exception) -> None:
-        """Decide what a failure becomes. Every failure is dead-lettered with its reason.
-
-        Retries and delayed redelivery are added in front of this by the
-        resilience policies; what reaches this point has no budget left.
-        """
-        log = _log.warning if is_retryable(exc) else _log.error
-        log("handler failed; dead-lettering", error=str(exc), error_type=type(exc).__name__)
-        await self.dead_letter(ctx, exc)
-
-    async def dead_letter(self, ctx: Context, exc: BaseException) -> None:
-        """Publish the message to the dead-letter destination (confirmed), then ack it.
-
-        If the dead-letter publish fails, the message is given back to the broker
-        instead: it is never acked without a confirmed copy somewhere.
-        """
-        delivery = ctx.delivery
-        headers = failure_headers(
-            ctx.message,
-            error=exc,
-            handler=self.spec.name,
-            destination=self.spec.destination,
-            group=self.spec.group,
-            location=delivery.location,
-            now=datetime.fromtimestamp(self.mesh.clock.time(), UTC),
-        )
-        dead: Message = ctx.message.with_headers(headers)
-        try:
-            await self.mesh.transport.publish(self.spec.dead_letter, dead)
-        except MeshlinkError as publish_exc:
-            _log.error(
-                "dead-letter publish failed; message given back to the broker",
-                dead_letter=self.spec.dead_letter,
-                error=str(publish_exc),
-            )
-            await self._give_back(delivery)
-            return
-        self._emit(
-            MessageDeadLettered(
-                handler=self.spec.name,
-                destination=self.spec.destination,
-                dead_letter_destination=self.spec.dead_letter,
-                message=dead,
-                reason=headers["x-meshlink-error-message"],
-            )
-        )
-        await self._safe(delivery.ack)
-
-    async def _give_back(self, delivery: Delivery) -> None:
-        await self._safe(lambda: delivery.nack(requeue=True))
-
-    async def _safe(self, settle: Callable[[], Any]) -> None:
-        try:
-            await settle()
-        except MeshlinkError as exc:
-            _log.warning("could not settle delivery; the broker will redeliver it", error=str(exc))
-
-    def _emit(self, event: Event) -> None:
-        self.mesh.emit(event)
-
     # -- shutdown ----------------------------------------------------------------------
 
     async def stop_fetching(self) -> None:
-        if self.subscription is not None:
-            await self.subscription.stop()
+        for subscription in self.subscriptions:
+            await subscription.stop()
 
     async def drain(self, deadline: float) -> int:
         """Wait for running handlers until ``deadline`` (loop time); cancel the rest.
 
-        A handler that has returned is never cancelled: its ack or dead-letter
-        publish completes, so a message that finished is not delivered again.
-
-        Returns how many handlers were cancelled (their messages went back to the broker).
+        A handler that has returned is never cancelled: its ack, redelivery or
+        dead-letter publish completes, so a message that finished is not
+        delivered again. Returns how many handlers were cancelled (their
+        messages went back to the broker).
         """
         loop = asyncio.get_running_loop()
         pending = set(self.tasks)

@@ -16,6 +16,9 @@ The tree::
     ├── MessageError                  a message cannot be encoded or decoded
     │   ├── EncodeError
     │   └── DecodeError               the body does not fit the handler's type (permanent)
+    ├── HandlerTimeoutError           a handler ran past its timeout (transient)
+    ├── CircuitOpenError              a circuit breaker refused the call (not a failure of the message)
+    ├── DuplicateInProgressError      the same idempotency key is being handled elsewhere (transient)
     └── HandlerSignal                 control flow raised by handlers on purpose
         ├── Reject                    dead-letter this message now, with a reason
         └── RetryLater                try again after a delay
@@ -32,11 +35,14 @@ from collections.abc import Sequence
 
 __all__ = [
     "AlreadySettledError",
+    "CircuitOpenError",
     "ConfigurationError",
     "DecodeError",
     "DeliveryError",
+    "DuplicateInProgressError",
     "EncodeError",
     "HandlerSignal",
+    "HandlerTimeoutError",
     "MeshlinkError",
     "MessageError",
     "PublishBatchError",
@@ -160,6 +166,23 @@ class DecodeError(MessageError):
     """A body could not be decoded into the handler's type. Never retried."""
 
     retryable = False
+
+
+class HandlerTimeoutError(MeshlinkError):
+    """A handler ran past its timeout and was cancelled. Retried like any transient error."""
+
+
+class CircuitOpenError(MeshlinkError):
+    """A circuit breaker is open; the message goes back without spending its budget."""
+
+    def __init__(self, message: str, *, breaker: str, retry_after: float | None = None) -> None:
+        super().__init__(message, breaker=breaker, retry_after=retry_after)
+        self.breaker = breaker
+        self.retry_after = retry_after
+
+
+class DuplicateInProgressError(MeshlinkError):
+    """Another delivery with the same idempotency key is running now; retried later."""
 
 
 class HandlerSignal(MeshlinkError):

@@ -17,13 +17,18 @@ from dataclasses import dataclass
 from meshlink.message import Message
 
 __all__ = [
+    "BreakerStateChanged",
+    "DuplicateSkipped",
     "Event",
     "HandlerFailed",
     "Listener",
     "MessageDeadLettered",
+    "MessageGivenBack",
     "MessageHandled",
     "MessagePublished",
     "MeshDraining",
+    "RedeliveryScheduled",
+    "RetryScheduled",
 ]
 
 
@@ -62,6 +67,57 @@ class HandlerFailed(Event):
     group: str
     message: Message
     error: BaseException
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryScheduled(Event):
+    """A failed try will be retried in process after ``wait`` seconds."""
+
+    handler: str
+    message: Message
+    attempt: int
+    """The execution that failed."""
+    wait: float
+    error: BaseException | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RedeliveryScheduled(Event):
+    """A failed message went back to the broker, deliverable again after ``delay`` seconds."""
+
+    handler: str
+    message: Message
+    """The message as republished (its ``attempt`` is the next execution)."""
+    retry_destination: str
+    delay: float
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MessageGivenBack(Event):
+    """A message went back to the broker without spending its budget (shutdown, open breaker)."""
+
+    handler: str
+    message: Message
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BreakerStateChanged(Event):
+    """A circuit breaker moved to ``state`` (``open``, ``half-open`` or ``closed``)."""
+
+    breaker: str
+    state: str
+    previous: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DuplicateSkipped(Event):
+    """A message whose idempotency key was already processed was acked without running."""
+
+    handler: str
+    message: Message
+    key: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

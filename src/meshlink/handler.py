@@ -11,9 +11,10 @@ from typing import Any
 
 from meshlink.codec import Decoder
 from meshlink.context import Context
-from meshlink.errors import ConfigurationError
+from meshlink.errors import ConfigurationError, DecodeError
 from meshlink.message import Message
 from meshlink.pipeline import Middleware
+from meshlink.resilience.defaults import Policies
 
 __all__ = ["HandlerSpec", "UserHandler", "inspect_handler"]
 
@@ -37,25 +38,52 @@ class HandlerSpec:
     """Type of the first parameter: a pydantic model, ``Message``, ``bytes`` or any pydantic-able type."""
     wants_context: bool
     """Whether ``fn`` takes the :class:`~meshlink.context.Context` as second argument."""
-    concurrency: int
-    """Most messages handled at once (also the transport prefetch)."""
+    policies: Policies
+    """Retry, timeout, bulkhead, breaker and idempotency of this handler."""
     dead_letter: str
     """Destination failed messages are moved to."""
+    retry_destination: str
+    """Destination redelivered messages come back through (consumed by this handler's group only)."""
     middleware: Sequence[Middleware] = ()
     """Handler-level middleware, first listed outermost."""
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     """Transport-specific subscription options."""
 
+    @property
+    def concurrency(self) -> int:
+        """Most messages handled at once (also the transport prefetch)."""
+        return self.policies.concurrency
+
+    @property
+    def redelivers(self) -> bool:
+        """Whether failures can come back through the retry destination."""
+        return self.policies.retry.budget > 1
+
     def decoder(self) -> Callable[[Message], Any]:
-        """Build the body decoder for this handler (once per subscription)."""
-        if self.payload_type is Message:
-            return _whole_message
-        decode = Decoder(self.payload_type)
-        return lambda message: decode(message.body)
+        """Build the body decoder for this handler (once per subscription).
+
+        Refuses, as permanent DecodeErrors: bodies over the size limit, and a
+        content type the target cannot be decoded from (JSON for typed payloads).
+        """
+        limit = self.policies.max_body_bytes
+        raw = self.payload_type is Message or self.payload_type is bytes
+        decode = None if raw else Decoder(self.payload_type)
+
+        def decode_message(message: Message) -> Any:
+            if len(message.body) > limit:
+                raise DecodeError(f"body of {len(message.body)} bytes is over the {limit}-byte limit")
+            if decode is None:
+                return message if self.payload_type is Message else message.body
+            if not _is_json(message.content_type):
+                raise DecodeError(f"cannot decode content type {message.content_type!r} as JSON")
+            return decode(message.body)
+
+        return decode_message
 
 
-def _whole_message(message: Message) -> Message:
-    return message
+def _is_json(content_type: str) -> bool:
+    base = content_type.split(";", 1)[0].strip().lower()
+    return base in ("application/json", "text/json", "") or base.endswith("+json")
 
 
 def inspect_handler(fn: UserHandler, *, name: str) -> tuple[Any, bool]:

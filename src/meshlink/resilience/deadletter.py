@@ -55,6 +55,7 @@ def failure_headers(
     destination: str,
     group: str,
     location: Mapping[str, str],
+    attempts: int | None = None,
     now: datetime | None = None,
 ) -> dict[str, str]:
     """The ``x-meshlink-*`` headers describing why ``message`` failed.
@@ -68,7 +69,7 @@ def failure_headers(
         ERROR_TYPE: f"{type(error).__module__}.{type(error).__qualname__}",
         ERROR_MESSAGE: text[:_MAX_ERROR_TEXT],
         HANDLER: handler,
-        FAILED_ATTEMPTS: str(message.attempt),
+        FAILED_ATTEMPTS: str(attempts if attempts is not None else message.attempt),
         FIRST_FAILED_AT: message.headers.get(FIRST_FAILED_AT, when),
         LAST_FAILED_AT: when,
         ORIGINAL_DESTINATION: destination,

@@ -1,0 +1,51 @@
+"""Every default policy, in one place.
+
+A handler that says nothing gets :data:`DEFAULTS`: 3 tries in process (0.1 s,
+0.2 s apart, with jitter), then redeliveries after 5 s, 30 s and 2 min, then the
+dead-letter destination ``<destination>.<group>.dlq``; a 60 s timeout per try
+(well under RabbitMQ's 30 min consumer timeout and Kafka's 5 min poll interval);
+16 messages at once (prefetch 16); no circuit breaker and no idempotency store
+(both need a decision only the service can make: which dependency, which store).
+Override per mesh with ``Mesh(defaults=Policies(...))`` or per handler with the
+keywords of ``@mesh.handler``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from meshlink.errors import ConfigurationError
+from meshlink.resilience.breaker import Breaker
+from meshlink.resilience.idempotency import Idempotency
+from meshlink.resilience.policy import Retry, parse_duration
+
+__all__ = ["DEFAULTS", "Policies"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Policies:
+    """The failure-handling policies of a handler."""
+
+    retry: Retry = field(default_factory=Retry)
+    """Immediate tries, redelivery delays, budget."""
+    timeout: float | str | None = "60s"
+    """Deadline of one try; ``None`` for none."""
+    concurrency: int = 16
+    """Bulkhead: most messages handled at once (and the transport prefetch)."""
+    breaker: Breaker | None = None
+    """Circuit breaker; ``None`` for none."""
+    idempotency: Idempotency | None = None
+    """Skip messages whose key was processed; ``None`` for no check."""
+    max_body_bytes: int = 16 * 1024 * 1024
+    """Bodies larger than this are dead-lettered before decoding (and refused on publish)."""
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ConfigurationError("concurrency", f"must be >= 1, got {self.concurrency}")
+        if self.timeout is not None and parse_duration(self.timeout, setting="timeout") <= 0:
+            raise ConfigurationError("timeout", "must be > 0")
+        if self.max_body_bytes < 1:
+            raise ConfigurationError("max_body_bytes", f"must be >= 1, got {self.max_body_bytes}")
+
+
+DEFAULTS = Policies()
