@@ -9,7 +9,6 @@ import structlog
 from pydantic import BaseModel
 
 from meshlink import ConfigurationError, Context, Mesh, Message, Reject, TransportClosedError
-from meshlink.resilience.policy import Retry
 from meshlink.errors import EncodeError
 from meshlink.pipeline import Handler
 from meshlink.resilience.deadletter import (
@@ -20,6 +19,7 @@ from meshlink.resilience.deadletter import (
     ORIGINAL_DESTINATION,
     ORIGINAL_GROUP,
 )
+from meshlink.resilience.policy import Retry
 from meshlink.testing import MeshHarness
 from meshlink.transport import registry
 

@@ -5,7 +5,7 @@ One :class:`Retry` policy describes the whole schedule of a handler's failures:
 then a new round after each ``redeliver`` delay through the broker, then the
 dead-letter destination. The ``attempt`` header counts handler executions
 across every round, every replica and every restart, so the budget is
-``attempts × (1 + len(redeliver))`` executions — one number, never multiplied by
+``attempts * (1 + len(redeliver))`` executions — one number, never multiplied by
 a hidden layer.
 
 :func:`decide` is a pure function of the failure (error, attempt, first-failure
@@ -128,7 +128,7 @@ class Retry:
         """Whether retrying could help with ``error`` under this policy."""
         if not is_retryable(error) or isinstance(error, self.permanent):
             return False
-        return isinstance(error, self.transient) or isinstance(error, RetryLater)
+        return isinstance(error, (*self.transient, RetryLater))
 
     def describe(self) -> str:
         """One line for ``meshlink check``."""
