@@ -11,129 +11,34 @@ itself by running these tests against its real broker::
         def make_transport(self) -> Transport:
             return MyTransport("my://localhost")   # not connected: the suite connects it
 
-The suite creates its own destinations under :attr:`TransportConformance.namespace`
-(unique per test), so it can share a broker with anything else. Where brokers
-differ by nature, :class:`Features` switches the check, never the semantics.
-Waits are on conditions; the only timeouts are guards against hangs.
+Two groups of scenarios: the transport contract itself (this module) and a
+:class:`~meshlink.Mesh` running on the transport — shutdown, retries, redelivery,
+dead-letters, breaker, bulkhead, timeout, idempotency and bad input
+(:mod:`meshlink.testing.conformance_mesh`). The suite creates its own
+destinations under a namespace unique per test, so it can share a broker with
+anything else. Where brokers differ by nature, :class:`Features` switches the
+check, never the semantics. Waits are on conditions; the only timeouts are
+guards against hangs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import pytest
 
-from meshlink.clock import FakeClock
 from meshlink.errors import AlreadySettledError, UnroutableError
 from meshlink.message import Message
-from meshlink.transport.base import Delivery, Outgoing, Subscription, SubscriptionSpec, Transport
+from meshlink.testing._conformance_base import ConformanceBase, Features, Recorder, msg
+from meshlink.testing.conformance_mesh import MeshScenarios
+from meshlink.transport.base import Delivery, Outgoing
 
-__all__ = ["Features", "Recorder", "TransportConformance"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class Features:
-    """What a transport's broker can and cannot do; each flag switches one check."""
-
-    per_key_order_across_consumers: bool = True
-    """Per-key order holds across competing subscriptions of a group (not RabbitMQ classic)."""
-    unroutable_raises: bool = True
-    """Publishing where no group is declared raises UnroutableError (not Kafka)."""
-    delivery_count: bool = True
-    """Deliveries carry a delivery count."""
-    fake_clock: bool = False
-    """The transport runs on the suite's FakeClock (delays are tested by moving it)."""
-    timeout: float = 30.0
-    """Hang guard for any single wait, in seconds (never a performance threshold)."""
-    real_delay: float = 1.0
-    """Delay used by the delayed-publish test on a real clock, in seconds."""
+__all__ = ["Features", "Recorder", "TransportConformance", "TransportScenarios"]
 
 
-@dataclass
-class Recorder:
-    """Collects deliveries and lets a test await a count of them."""
-
-    settle: str | None = "ack"
-    """How to settle each delivery on arrival: ``"ack"``, ``"reject"``, or ``None`` to keep it."""
-    deliveries: list[Delivery] = field(default_factory=list)
-    arrived_at: list[float] = field(default_factory=list)
-    max_unsettled: int = 0
-    _cond: asyncio.Condition = field(default_factory=asyncio.Condition)
-
-    @property
-    def ids(self) -> list[str]:
-        return [d.message.id for d in self.deliveries]
-
-    def unsettled(self) -> list[Delivery]:
-        return [d for d in self.deliveries if d.settled is None]
-
-    async def __call__(self, delivery: Delivery) -> None:
-        self.deliveries.append(delivery)
-        self.arrived_at.append(asyncio.get_running_loop().time())
-        self.max_unsettled = max(self.max_unsettled, len(self.unsettled()))
-        if self.settle == "ack":
-            await delivery.ack()
-        elif self.settle == "reject":
-            await delivery.reject()
-        async with self._cond:
-            self._cond.notify_all()
-
-    async def wait_for(self, predicate: Callable[[Recorder], bool], timeout: float) -> None:
-        async with self._cond:
-            await asyncio.wait_for(self._cond.wait_for(lambda: predicate(self)), timeout)
-
-    async def wait_count(self, n: int, timeout: float) -> None:
-        await self.wait_for(lambda r: len(r.deliveries) >= n, timeout)
-
-
-def msg(n: int, *, key: str | None = None, **extra: object) -> Message:
-    """A small test message whose body is its number."""
-    return Message(body=str(n).encode(), type="Num", source="conformance", key=key, **extra)  # type: ignore[arg-type]
-
-
-class TransportConformance:
-    """Subclass in a ``Test*`` class and implement :meth:`make_transport`."""
-
-    features: Features = Features()
-    namespace: str
-    clock: FakeClock | None
-
-    def make_transport(self) -> Transport:
-        """Return a new, unconnected transport to the broker under test."""
-        raise NotImplementedError
-
-    # -- fixtures and helpers ----------------------------------------------------
-
-    @pytest.fixture(autouse=True)
-    async def _conformance_setup(self) -> AsyncIterator[None]:
-        self.namespace = f"conf-{uuid.uuid4().hex[:10]}"
-        self.clock = FakeClock() if self.features.fake_clock else None
-        self._open: list[Transport] = []
-        yield
-        for t in reversed(self._open):
-            await t.close()
-
-    async def connect(self) -> Transport:
-        t = self.make_transport()
-        await t.connect()
-        self._open.append(t)
-        return t
-
-    def dest(self, name: str = "d") -> str:
-        return f"{self.namespace}.{name}"
-
-    async def sub(
-        self, t: Transport, dest: str, group: str, rec: Recorder, *, prefetch: int = 16
-    ) -> Subscription:
-        return await t.subscribe(SubscriptionSpec(destination=dest, group=group, prefetch=prefetch), rec)
-
-    @property
-    def timeout(self) -> float:
-        return self.features.timeout
+class TransportScenarios(ConformanceBase):
+    """The transport contract, scenario by scenario."""
 
     # -- publish and consume -------------------------------------------------------
 
@@ -203,7 +108,8 @@ class TransportConformance:
 
     async def test_competing_consumers_each_message_to_one_member(self) -> None:
         a, b = await self.connect(), await self.connect()
-        ra, rb = Recorder(), Recorder()
+        ra = Recorder()
+        rb = Recorder(_cond=ra._cond)  # one condition: a delivery to either wakes the waits below
         await self.sub(a, self.dest(), "g", ra, prefetch=1)
         await self.sub(b, self.dest(), "g", rb, prefetch=1)
         sent = [msg(i, key=f"k{i % 8}") for i in range(100)]
@@ -258,7 +164,8 @@ class TransportConformance:
         if not self.features.per_key_order_across_consumers:
             pytest.skip("this broker orders per key only within one consumer")
         a, b = await self.connect(), await self.connect()
-        ra, rb = Recorder(settle=None), Recorder(settle=None)
+        ra = Recorder(settle=None)
+        rb = Recorder(settle=None, _cond=ra._cond)
         await self.sub(a, self.dest(), "g", ra, prefetch=4)
         await self.sub(b, self.dest(), "g", rb, prefetch=4)
         order: list[str] = []
@@ -422,51 +329,6 @@ class TransportConformance:
             assert rec.ids == [now.id, late.id]
             assert rec.arrived_at[1] - started >= delay, "delayed message delivered early"
 
-    # -- a mesh on this transport ------------------------------------------------------------
 
-    async def test_graceful_shutdown_acks_what_finished_and_returns_the_rest(self) -> None:
-        from meshlink.app import Mesh
-        from meshlink.events import Event, MeshDraining
-
-        publisher = await self.connect()
-        await publisher.declare(self.dest(), "svc")
-        mesh = Mesh(self.make_transport(), service="svc", drain_timeout=2.0)
-        started: list[str] = []
-        finished: list[str] = []
-        release = asyncio.Event()
-        changed = asyncio.Condition()
-
-        @mesh.handler(self.dest(), concurrency=4)
-        async def work(message: Message) -> None:
-            started.append(message.id)
-            async with changed:
-                changed.notify_all()
-            if len(started) == 1:
-                await asyncio.Event().wait()  # never finishes: cancelled at the drain deadline
-            await release.wait()
-            finished.append(message.id)
-
-        draining = asyncio.Event()
-
-        def on_event(event: Event) -> None:
-            if isinstance(event, MeshDraining):
-                draining.set()
-
-        mesh.add_listener(on_event)
-        await mesh.start()
-        sent = [msg(i) for i in range(10)]
-        await publisher.publish_many([Outgoing(destination=self.dest(), message=m) for m in sent])
-        async with changed:
-            await asyncio.wait_for(changed.wait_for(lambda: len(started) >= 4), self.timeout)
-        stopping = asyncio.create_task(mesh.stop())
-        await asyncio.wait_for(draining.wait(), self.timeout)
-        release.set()
-        await asyncio.wait_for(stopping, self.timeout)
-        assert len(finished) == 3, "the three releasable handlers finish during the drain"
-
-        second = await self.connect()
-        rest = Recorder()
-        await self.sub(second, self.dest(), "svc", rest)
-        await rest.wait_count(len(sent) - len(finished), self.timeout)
-        assert set(rest.ids).isdisjoint(finished), "a message that finished was delivered again"
-        assert sorted(rest.ids + finished) == sorted(m.id for m in sent), "a message was lost"
+class TransportConformance(TransportScenarios, MeshScenarios):
+    """Subclass in a ``Test*`` class and implement :meth:`make_transport`."""
