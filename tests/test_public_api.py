@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import meshlink
+import meshlink.resilience
 import meshlink.testing
 import meshlink.transport
 
@@ -22,7 +23,7 @@ BROKER_CLIENTS = (
 
 
 def test_all_is_sorted_and_every_name_exists() -> None:
-    for module in (meshlink, meshlink.transport, meshlink.testing):
+    for module in (meshlink, meshlink.transport, meshlink.testing, meshlink.resilience):
         assert list(module.__all__) == sorted(module.__all__), module.__name__
         for name in module.__all__:
             assert hasattr(module, name), f"{module.__name__}.{name}"

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import sys
-from typing import Annotated
+from collections.abc import Awaitable, Callable
+from typing import Annotated, TypeVar
 
 import typer
 
 from meshlink._version import __version__
 from meshlink.app import Mesh
+from meshlink.check import check_mesh
+from meshlink.dlq import DeadLetterQueue
 from meshlink.errors import ConfigurationError, MeshlinkError
 from meshlink.logs import configure
+from meshlink.message import Message
+from meshlink.resilience.deadletter import ERROR_MESSAGE, ERROR_TYPE, FAILED_ATTEMPTS
+from meshlink.transport.registry import transport_from_url
+
+T = TypeVar("T")
 
 __all__ = ["app", "load_mesh", "main"]
 
@@ -81,6 +90,120 @@ def run(
     except MeshlinkError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+
+
+@app.command()
+def check(
+    target: Annotated[str, typer.Argument(help="The mesh to check, as module:attribute.")],
+) -> None:
+    """Print each handler's effective policy and broker mapping; fail on contradictions."""
+    try:
+        mesh = load_mesh(target)
+    except MeshlinkError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    reports = check_mesh(mesh)
+    typer.echo(f"{mesh.service} on {mesh.transport.describe()}: {len(reports)} handler(s)")
+    failed = False
+    for report in reports:
+        typer.echo(f"\n{report.spec.name}")
+        for line in report.lines:
+            typer.echo(f"  {line}")
+        for warning in report.warnings:
+            typer.echo(f"  warning: {warning}")
+        for problem in report.problems:
+            typer.echo(f"  PROBLEM: {problem}")
+            failed = True
+    if failed:
+        raise typer.Exit(1)
+
+
+dlq_app = typer.Typer(
+    help="List, inspect and replay dead-lettered messages (any broker).", no_args_is_help=True
+)
+app.add_typer(dlq_app, name="dlq")
+
+BrokerOpt = Annotated[str, typer.Option("--broker", help="Broker URL, e.g. amqp://guest:guest@localhost/.")]
+DestOpt = Annotated[str, typer.Option("--destination", "-d", help="Dead-letter destination.")]
+LimitOpt = Annotated[int, typer.Option(help="Most messages to look at.")]
+
+
+async def _with_dlq(broker: str, destination: str, work: Callable[[DeadLetterQueue], Awaitable[T]]) -> T:
+    transport = transport_from_url(broker)
+    await transport.connect()
+    try:
+        return await work(DeadLetterQueue(transport, destination))
+    finally:
+        await transport.close()
+
+
+def _run_dlq(broker: str, destination: str, work: Callable[[DeadLetterQueue], Awaitable[T]]) -> T:
+    configure("WARNING")
+    try:
+        return asyncio.run(_with_dlq(broker, destination, work))
+    except MeshlinkError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _summary(message: Message) -> str:
+    h = message.headers
+    return (
+        f"{message.id}  {message.type or '-':<20} attempts={h.get(FAILED_ATTEMPTS, '?'):<3} "
+        f"{h.get(ERROR_TYPE, '?')}: {h.get(ERROR_MESSAGE, '')[:80]}"
+    )
+
+
+@dlq_app.command("list")
+def dlq_list(broker: BrokerOpt, destination: DestOpt, limit: LimitOpt = 100) -> None:
+    """List dead-lettered messages (they stay where they are)."""
+    messages = _run_dlq(broker, destination, lambda q: q.list(limit))
+    for message in messages:
+        typer.echo(_summary(message))
+    typer.echo(f"{len(messages)} message(s) in {destination}")
+
+
+@dlq_app.command("show")
+def dlq_show(broker: BrokerOpt, destination: DestOpt, message_id: str) -> None:
+    """Show one dead-lettered message: envelope, failure headers and body."""
+    message = _run_dlq(broker, destination, lambda q: q.show(message_id))
+    if message is None:
+        typer.echo(f"no message {message_id} in {destination}", err=True)
+        raise typer.Exit(1)
+    for key, value in sorted(message.to_headers().items()):
+        typer.echo(f"{key}: {value}")
+    typer.echo("")
+    typer.echo(message.body.decode("utf-8", errors="replace"))
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    broker: BrokerOpt,
+    destination: DestOpt,
+    message_id: Annotated[str | None, typer.Option("--id", help="Replay only this message.")] = None,
+    type_: Annotated[str | None, typer.Option("--type", help="Replay only messages of this type.")] = None,
+    error_type: Annotated[
+        str | None, typer.Option("--error-type", help="Replay only messages that failed with this error.")
+    ] = None,
+    rate: Annotated[float | None, typer.Option(help="Most messages per second.")] = None,
+    limit: LimitOpt = 10_000,
+) -> None:
+    """Replay dead-lettered messages to the group they failed in (same id, fresh budget)."""
+
+    def choose(m: Message) -> bool:
+        return (
+            (message_id is None or m.id == message_id)
+            and (type_ is None or m.type == type_)
+            and (error_type is None or m.headers.get(ERROR_TYPE, "").endswith(error_type))
+        )
+
+    with typer.progressbar(length=limit, label="replaying", show_pos=True) as bar:
+        count = _run_dlq(
+            broker,
+            destination,
+            lambda q: q.replay(choose, limit=limit, rate=rate, progress=lambda _: bar.update(1)),
+        )
+    typer.echo(f"replayed {count} message(s) from {destination}")
 
 
 def main() -> None:

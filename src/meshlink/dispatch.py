@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["Dispatcher", "policy_stack"]
 
 
-def policy_stack(spec: HandlerSpec, breaker: CircuitBreaker | None, bulkhead: Bulkhead) -> list[Middleware]:
+def policy_stack(spec: HandlerSpec, breaker: Middleware | None, bulkhead: Bulkhead) -> list[Middleware]:
     """The resilience middleware of a handler, outermost first:
     idempotency → breaker → bulkhead → retry → timeout."""
     p = spec.policies
@@ -81,10 +81,8 @@ class Dispatcher:
         self.failed = 0
 
     def subscription_specs(self) -> list[SubscriptionSpec]:
-        """The destination, and the retry destination if failures can be redelivered."""
-        destinations = [self.spec.destination]
-        if self.spec.redelivers:
-            destinations.append(self.spec.retry_destination)
+        """The destination, and the retry destination (redeliveries and DLQ replays come back there)."""
+        destinations = [self.spec.destination, self.spec.retry_destination]
         return [
             SubscriptionSpec(
                 destination=d,

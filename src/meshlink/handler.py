@@ -54,11 +54,6 @@ class HandlerSpec:
         """Most messages handled at once (also the transport prefetch)."""
         return self.policies.concurrency
 
-    @property
-    def redelivers(self) -> bool:
-        """Whether failures can come back through the retry destination."""
-        return self.policies.retry.budget > 1
-
     def decoder(self) -> Callable[[Message], Any]:
         """Build the body decoder for this handler (once per subscription).
 

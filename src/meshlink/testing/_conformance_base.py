@@ -92,9 +92,9 @@ class Recorder:
         await self.wait_for(lambda r: len(r.deliveries) >= n, timeout)
 
 
-def msg(n: int, *, key: str | None = None, **extra: object) -> Message:
+def msg(n: int, *, key: str | None = None, type: str = "Num", **extra: Any) -> Message:
     """A small test message whose body is its number."""
-    return Message(body=str(n).encode(), type="Num", source="conformance", key=key, **extra)  # type: ignore[arg-type]
+    return Message(body=str(n).encode(), type=type, source="conformance", key=key, **extra)
 
 
 class ConformanceBase:

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from meshlink.app import Mesh
 from meshlink.context import Context
+from meshlink.dlq import DeadLetterQueue
 from meshlink.events import (
     BreakerStateChanged,
     Event,
@@ -41,6 +42,13 @@ from meshlink.testing._conformance_base import ConformanceBase, Recorder, msg
 from meshlink.transport.base import Outgoing
 
 __all__ = ["MeshScenarios"]
+
+
+class Item(BaseModel):
+    """The payload of the bad-input scenario."""
+
+    sku: str
+    qty: int
 
 
 class MeshScenarios(ConformanceBase):
@@ -341,9 +349,43 @@ class MeshScenarios(ConformanceBase):
         assert all(d.message.headers[ERROR_TYPE] == "meshlink.errors.DecodeError" for d in parked.deliveries)
         assert all(d.message.headers[FAILED_ATTEMPTS] == "1" for d in parked.deliveries)
 
+    # -- dead-letter operations ------------------------------------------------------------------
 
-class Item(BaseModel):
-    """The payload of the bad-input scenario."""
+    async def test_dead_letters_are_listed_shown_and_replayed_to_their_group(self) -> None:
+        mesh = self.new_mesh(service="ops")
+        broken = True
+        runs: list[Message] = []
 
-    sku: str
-    qty: int
+        @mesh.handler(self.dest(), retry=Retry.none())
+        async def work(message: Message) -> None:
+            runs.append(message)
+            self.poke()
+            if broken:
+                raise RuntimeError(f"cannot handle {message.type}")
+
+        dead: list[Event] = []
+        mesh.add_listener(lambda e: dead.append(e) if isinstance(e, MessageDeadLettered) else None)
+        await mesh.start()
+        t = await self.connect()
+        sent = [msg(1, type="A"), msg(2, type="A"), msg(3, type="B")]
+        for m in sent:
+            await t.publish(self.dest(), m)
+        await self.until(lambda: len(dead) == 3)
+
+        queue = DeadLetterQueue(t, mesh.handlers[0].dead_letter, quiet=0.5, clock=self.clock)
+        listed = await queue.list(limit=3)
+        assert sorted(m.id for m in listed) == sorted(m.id for m in sent)
+        shown = await queue.show(sent[2].id, limit=3)
+        assert shown is not None
+        assert shown.headers[ERROR_MESSAGE] == "cannot handle B"
+
+        broken = False
+        runs.clear()
+        replayed = await queue.replay(lambda m: m.type == "A", limit=3)
+        assert replayed == 2
+        await self.until(lambda: len(runs) == 2)
+        assert sorted(m.id for m in runs) == sorted(m.id for m in sent[:2]), "same ids, replayed"
+        assert all(m.attempt == 1 for m in runs), "budget starts afresh"
+        assert all(ERROR_TYPE not in m.headers for m in runs), "failure headers are removed"
+        left = await queue.list(limit=3)
+        assert [m.id for m in left] == [sent[2].id]
