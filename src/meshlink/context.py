@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -15,7 +15,10 @@ from meshlink.transport.base import Delivery
 if TYPE_CHECKING:
     from meshlink.app import Mesh
 
-__all__ = ["Context"]
+__all__ = ["Context", "Publisher"]
+
+Publisher = Callable[[str, Message, "float | None"], Awaitable[None]]
+"""``async (destination, message, delay) -> None``: where a context's publishes go."""
 
 _handler_log = structlog.get_logger("meshlink.handler")
 
@@ -30,7 +33,18 @@ class Context:
         payload: the decoded body (set by the decode stage).
     """
 
-    __slots__ = ("_items", "_mesh", "attempt", "delivery", "first_failed_at", "handler", "message", "payload")
+    __slots__ = (
+        "_items",
+        "_mesh",
+        "attempt",
+        "delivery",
+        "first_failed_at",
+        "handler",
+        "message",
+        "payload",
+        "publisher",
+        "session",
+    )
 
     def __init__(self, mesh: Mesh, delivery: Delivery, handler: str) -> None:
         self._mesh = mesh
@@ -43,6 +57,11 @@ class Context:
         self.first_failed_at: float | None = None
         """Wall time of the first failure, once there was one."""
         self._items: dict[str, Any] | None = None
+        self.session: Any = None
+        """A unit of work opened by middleware (e.g. the SQL inbox's transaction), if any."""
+        self.publisher: Publisher | None = None
+        """Where :meth:`publish` sends messages; middleware may route them (e.g. to an
+        outbox in ``session``). ``None`` publishes through the mesh's transport."""
 
     @property
     def log(self) -> Any:
@@ -86,15 +105,21 @@ class Context:
         idempotency_key: str | None = None,
         delay: float | None = None,
     ) -> Message:
-        """Publish a message caused by this one (correlation and causation ids are carried)."""
-        return await self._mesh.publish(
-            destination,
+        """Publish a message caused by this one (correlation and causation ids are carried).
+
+        Goes through :attr:`publisher` when middleware set one (an outbox writing in
+        the handler's transaction), else straight to the broker.
+        """
+        message = self._mesh.message(
             payload,
             key=key,
             headers=headers,
             type=type,
             idempotency_key=idempotency_key,
-            delay=delay,
             correlation_id=self.message.correlation_id or self.message.id,
             causation_id=self.message.id,
         )
+        if self.publisher is not None:
+            await self.publisher(destination, message, delay)
+            return message
+        return await self._mesh.publish(destination, message, delay=delay)
