@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from meshlink.clock import Clock
+from meshlink.errors import MessageError
 from meshlink.events import Event
-from meshlink.message import Message
+from meshlink.message import REPLY_ECHO, REPLY_TO, Message
 from meshlink.transport.base import Delivery
 
 if TYPE_CHECKING:
@@ -123,3 +124,31 @@ class Context:
             await self.publisher(destination, message, delay)
             return message
         return await self._mesh.publish(destination, message, delay=delay)
+
+    async def reply(self, payload: object, *, type: str | None = None) -> Message:
+        """Answer the message being handled: publish to its ``reply-to`` destination.
+
+        Headers the requester listed in ``reply-echo`` (comma-separated; a saga
+        coordinator lists its saga id and step) are copied onto the reply, so the
+        requester can correlate it.
+
+        Raises:
+            MessageError: the message carries no ``reply-to`` header.
+        """
+        target = self.message.headers.get(REPLY_TO)
+        if not target:
+            raise MessageError("the message has no reply-to header", message_id=self.message.id)
+        echo = [h.strip() for h in self.message.headers.get(REPLY_ECHO, "").split(",") if h.strip()]
+        headers = {h: self.message.headers[h] for h in echo if h in self.message.headers}
+        message = self._mesh.message(
+            payload,
+            key=self.message.key,
+            headers=headers,
+            type=type,
+            correlation_id=self.message.correlation_id or self.message.id,
+            causation_id=self.message.id,
+        )
+        if self.publisher is not None:
+            await self.publisher(target, message, None)
+            return message
+        return await self._mesh.publish(target, message)

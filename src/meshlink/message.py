@@ -30,6 +30,8 @@ __all__ = [
     "H_CAUSATION_ID",
     "H_CORRELATION_ID",
     "H_IDEMPOTENCY_KEY",
+    "REPLY_ECHO",
+    "REPLY_TO",
     "RESERVED_HEADERS",
     "Message",
     "new_message_id",
@@ -46,6 +48,10 @@ H_CAUSATION_ID = "causation-id"
 H_IDEMPOTENCY_KEY = "idempotency-key"
 H_ATTEMPT = "attempt"
 FAILURE_PREFIX = "x-meshlink-"
+REPLY_TO = "reply-to"
+"""Where a reply to this message should go (see ``Context.reply``)."""
+REPLY_ECHO = "reply-echo"
+"""Comma-separated header names a reply must carry back."""
 #: Header names a user may not set through ``headers=``: they are envelope fields.
 RESERVED_HEADERS = frozenset(
     {
