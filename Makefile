@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml $(addsuffix pyproject.toml,$(DISTS))
 
 install: $(STAMP)  ## create .venv and install every distribution of the repository with the dev tools
 
-demo: $(STAMP)  ## run the example billing service on memory://
+demo: $(STAMP)  ## run the example services on memory://: billing with failures, then a checkout saga
 	$(PY) examples/02_demo.py
+	@echo
+	$(PY) examples/03_checkout_saga.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(wildcard $(LINTED))

@@ -37,3 +37,12 @@ def test_readme_quickstart_runs_as_written() -> None:
     code = re.findall(r"```python\n(.*?)```", readme, re.S)[0]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert "charging 42.00 for order o-1\nshipping order o-1" in out.stdout
+
+
+def test_checkout_saga_completes_good_orders_and_compensates_the_declined_one() -> None:
+    out = run("03_checkout_saga.py")
+    assert "payment    declined A-2" in out
+    assert "inventory  released stock for A-2 (compensation)" in out
+    assert "A-2: compensated" in out
+    assert "A-1: completed" in out
+    assert "2 completed, 1 compensated" in out

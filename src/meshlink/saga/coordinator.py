@@ -107,7 +107,7 @@ class SagaCoordinator:
                 step=0,
                 created_at=now,
                 updated_at=now,
-            ).log(now, definition.steps[0].name, "saga-started")
+            ).log(now, "", "started")
             instance = await self._save(instance)
             await self._advance(definition, instance)
         return sid
