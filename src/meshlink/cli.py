@@ -18,6 +18,7 @@ from meshlink.errors import ConfigurationError, MeshlinkError
 from meshlink.logs import configure
 from meshlink.message import Message
 from meshlink.resilience.deadletter import ERROR_MESSAGE, ERROR_TYPE, FAILED_ATTEMPTS
+from meshlink.saga.cli import saga_app
 from meshlink.transport.registry import transport_from_url
 
 T = TypeVar("T")
@@ -117,6 +118,8 @@ def check(
     if failed:
         raise typer.Exit(1)
 
+
+app.add_typer(saga_app, name="saga")
 
 dlq_app = typer.Typer(
     help="List, inspect and replay dead-lettered messages (any broker).", no_args_is_help=True
