@@ -16,6 +16,7 @@ import uuid
 
 import aio_pika
 
+from meshlink.logs import configure
 from meshlink.message import Message
 from meshlink.transport.base import Delivery, SubscriptionSpec
 from meshlink_rabbitmq import RabbitTransport
@@ -58,6 +59,7 @@ async def main() -> None:
     parser.add_argument("--count", type=int, default=50)
     parser.add_argument("--delays", default="0.1,0.5,1,2,5")
     args = parser.parse_args()
+    configure("WARNING")
     t = RabbitTransport(URL)
     await t.connect()
     print(

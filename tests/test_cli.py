@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-import structlog
 from typer.testing import CliRunner
 
 from meshlink import ConfigurationError, __version__
 from meshlink.cli import app, load_mesh
 
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    yield
-    structlog.reset_defaults()  # `run` configures structlog for the process
 
 
 def test_version() -> None:

@@ -162,7 +162,8 @@ class Message:
         still reaches its handler (or the dead-letter destination) instead of being
         lost in the transport.
         """
-        text = {k: _as_text(v) for k, v in headers.items()}
+        # broker clients mostly hand over str already; only bytes and others need converting
+        text = {k: v if v.__class__ is str else _as_text(v) for k, v in headers.items()}
         attempt_raw = text.pop(H_ATTEMPT, "1")
         try:
             attempt = max(1, int(attempt_raw))

@@ -19,6 +19,7 @@ Outcomes, and what they mean to the caller:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 from typing import Any
 
@@ -36,6 +37,11 @@ __all__ = ["MessageTooLargeError", "Publisher"]
 
 #: Errors that mean "the link broke under this publish": the outcome is unknown.
 _LINK_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError)
+#: ``wait=False`` where aiormq offers it: do not wait for the socket to drain before
+#: waiting for the confirm (which proves the frame left anyway).
+_NO_DRAIN: dict[str, Any] = (
+    {"wait": False} if "wait" in inspect.signature(aiormq.Channel.basic_publish).parameters else {}
+)
 
 
 class MessageTooLargeError(PublishError):
@@ -102,8 +108,7 @@ class Publisher:
         )
         self._inflight.add(amqp_id)
         try:
-            async with asyncio.timeout(self._settings.publish_timeout):
-                await self._send(channel, exchange, message.key or "", message.body, properties)
+            await self._send(channel, exchange, message.key or "", message.body, properties)
         except aiormq.exceptions.PublishError:
             raise UnroutableError(
                 "no queue is bound to receive this message", destination=destination, message_id=message.id
@@ -145,10 +150,40 @@ class Publisher:
         body: bytes,
         properties: Basic.Properties,
     ) -> None:
+        """Publish on the confirm channel within ``publish_timeout`` (``TimeoutError`` past it)."""
         # The underlying aiormq channel is used directly (not aio_pika.Exchange.publish)
         # to skip building an aio_pika.Message per publish; the robust channel still
-        # owns it. A channel found closed has not seen this publish, so waiting for
-        # the robust channel to be restored and trying again cannot duplicate it.
+        # owns it. No drain wait (_NO_DRAIN): it would cost a future and a wake-up per
+        # publish, and the confirm proves the frame left.
+        timeout = self._settings.publish_timeout
+        if not channel.is_closed:
+            underlay = await channel.get_underlay_channel()
+            if not underlay.is_closed:
+                # The usual case: aiormq's own deadline covers the channel lock, the
+                # write and the confirm, which spares a second asyncio.timeout here.
+                await underlay.basic_publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=True,
+                    timeout=timeout,
+                    **_NO_DRAIN,
+                )
+                return
+        async with asyncio.timeout(timeout):
+            await self._send_when_ready(channel, exchange, routing_key, body, properties)
+
+    async def _send_when_ready(
+        self,
+        channel: AbstractRobustChannel,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: Basic.Properties,
+    ) -> None:
+        # A channel found closed has not seen this publish, so waiting for the robust
+        # channel to be restored and trying again cannot duplicate it.
         while True:
             if not channel.is_closed:
                 underlay = await channel.get_underlay_channel()
@@ -159,6 +194,7 @@ class Publisher:
                         routing_key=routing_key,
                         properties=properties,
                         mandatory=True,
+                        **_NO_DRAIN,
                     )
                     return
             await channel.ready()
