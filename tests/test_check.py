@@ -38,3 +38,10 @@ def test_check_fails_on_a_contradiction_and_explains_it() -> None:
     result = runner.invoke(app, ["check", "apps.checked:contradictory"])
     assert result.exit_code == 1
     assert "PROBLEM: redeliveries span 10800s but processed keys are kept only 1800s" in result.output
+
+
+def test_check_knows_the_brokers_limits() -> None:
+    result = runner.invoke(app, ["check", "apps.checked:rabbit"])
+    assert result.exit_code == 1
+    assert "quorum delivery-limit 5 is below the attempt budget of 12" in result.output
+    assert "beyond the broker's consumer_timeout=1800s" in result.output

@@ -16,7 +16,7 @@ from meshlink.pipeline import Handler
 from meshlink.resilience.bulkhead import Bulkhead
 from meshlink.resilience.idempotency import MemoryIdempotencyStore
 from meshlink.resilience.policy import parse_duration
-from meshlink.transport.base import Transport
+from meshlink.transport.base import SubscriptionSpec, Transport
 
 __all__ = ["HandlerReport", "check_mesh", "delivery_deadline"]
 
@@ -55,7 +55,9 @@ def delivery_deadline(transport: Transport) -> tuple[float, str] | None:
     """The longest a handler may hold a message on this broker, and the setting that says so.
 
     Transports expose it as ``delivery_deadline`` (RabbitMQ's ``consumer_timeout``,
-    Kafka's ``max_poll_interval_ms``); ``None`` where nothing limits it.
+    Kafka's ``max_poll_interval_ms``); ``None`` where nothing limits it. A transport
+    may also offer ``check_subscription(spec, budget) -> list[str]`` for broker-specific
+    contradictions (a quorum delivery limit below the attempt budget…).
     """
     value = getattr(transport, "delivery_deadline", None)
     return value if isinstance(value, tuple) else None
@@ -78,6 +80,15 @@ def check_mesh(mesh: Mesh) -> list[HandlerReport]:
             f"redelivers through {spec.retry_destination} (delayed publish on {mesh.transport.describe()})",
             f"dead-letters to {spec.dead_letter}",
         ]
+        check_subscription = getattr(mesh.transport, "check_subscription", None)
+        if callable(check_subscription):
+            spec_for_broker = SubscriptionSpec(
+                destination=spec.destination,
+                group=spec.group,
+                prefetch=spec.concurrency,
+                options=spec.options,
+            )
+            report.problems.extend(check_subscription(spec_for_broker, p.retry.budget))
         timeout = parse_duration(p.timeout, setting="timeout") if p.timeout is not None else None
         if deadline is not None:
             limit, setting = deadline

@@ -17,6 +17,7 @@ from meshlink.dlq import DeadLetterQueue
 from meshlink.errors import ConfigurationError, MeshlinkError
 from meshlink.logs import configure
 from meshlink.message import Message
+from meshlink.outbox.cli import db_app, outbox_app
 from meshlink.resilience.deadletter import ERROR_MESSAGE, ERROR_TYPE, FAILED_ATTEMPTS
 from meshlink.saga.cli import saga_app
 from meshlink.transport.registry import transport_from_url
@@ -100,10 +101,10 @@ def check(
     """Print each handler's effective policy and broker mapping; fail on contradictions."""
     try:
         mesh = load_mesh(target)
+        reports = check_mesh(mesh)
     except MeshlinkError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    reports = check_mesh(mesh)
     typer.echo(f"{mesh.service} on {mesh.transport.describe()}: {len(reports)} handler(s)")
     failed = False
     for report in reports:
@@ -120,6 +121,8 @@ def check(
 
 
 app.add_typer(saga_app, name="saga")
+app.add_typer(outbox_app, name="outbox")
+app.add_typer(db_app, name="db")
 
 dlq_app = typer.Typer(
     help="List, inspect and replay dead-lettered messages (any broker).", no_args_is_help=True

@@ -22,3 +22,13 @@ contradictory = Mesh("memory://check2", service="billing")
 )
 async def refund(event: dict[str, str]) -> None:
     pass
+
+
+rabbit = Mesh(
+    "amqp://guest:guest@127.0.0.1:5672/", service="billing", transport_options={"queue_type": "quorum"}
+)
+
+
+@rabbit.handler("orders.placed", options={"delivery_limit": 5}, timeout="20m")
+async def ship(event: dict[str, str]) -> None:
+    pass

@@ -113,3 +113,14 @@ async def test_password_never_reaches_logs_or_errors(
     for text in [*errors, *(repr(e) for e in logs), caplog.text]:
         assert SECRET not in text
     assert any(e["event"] == "rabbitmq.connected" for e in logs)
+
+
+def test_quorum_delivery_limit_becomes_a_queue_argument_and_is_refused_on_classic() -> None:
+    from meshlink import ConfigurationError
+    from meshlink_rabbitmq.settings import RabbitSettings, SubscriptionOptions
+
+    quorum = RabbitSettings(queue_type="quorum")
+    options = SubscriptionOptions.resolve(quorum, {"delivery_limit": "7"})
+    assert options.queue_arguments() == {"x-queue-type": "quorum", "x-delivery-limit": 7}
+    with pytest.raises(ConfigurationError, match="quorum queues only"):
+        SubscriptionOptions.resolve(RabbitSettings(), {"delivery_limit": 7})

@@ -115,7 +115,8 @@ class RetryMiddleware:
         return retrying
 
     def __repr__(self) -> str:
-        return f"Retry({self.policy.describe()})"
+        p = self.policy
+        return f"Retry({p.attempts} tries x {1 + len(p.delays)} rounds = budget {p.budget})"
 
 
 def iso(ts: float) -> str:

@@ -76,6 +76,12 @@ class RabbitSettings:
     """Largest body accepted for publishing, in bytes (the broker closes the channel past its own)."""
     connection_name: str | None = None
     """Connection name shown in the RabbitMQ management UI."""
+    consumer_timeout: float = 1800.0
+    """The broker's ``consumer_timeout`` in seconds (a server setting, 30 min by default):
+    a message held longer is redelivered to another consumer. ``meshlink check`` compares
+    handler timeouts with it."""
+    delivery_limit: int | None = None
+    """Quorum queues only: ``x-delivery-limit``, deliveries after which the broker drops a message."""
 
     def __post_init__(self) -> None:
         for name in ("heartbeat",):
@@ -90,6 +96,10 @@ class RabbitSettings:
             raise ConfigurationError("delay_digits", f"must be 1..6, got {self.delay_digits!r}")
         if self.max_message_size < 1:
             raise ConfigurationError("max_message_size", "must be >= 1")
+        if self.consumer_timeout <= 0:
+            raise ConfigurationError("consumer_timeout", f"must be > 0, got {self.consumer_timeout!r}")
+        if self.delivery_limit is not None and self.delivery_limit < 1:
+            raise ConfigurationError("delivery_limit", f"must be >= 1, got {self.delivery_limit!r}")
         if not 0 < self.port < 65536:
             raise ConfigurationError("port", f"must be 1..65535, got {self.port!r}")
         if self.queue_type not in QUEUE_TYPES:
@@ -152,6 +162,8 @@ class SubscriptionOptions:
     """Type of this group's queue."""
     single_active_consumer: bool
     """Whether this group's queue has a single active consumer."""
+    delivery_limit: int | None = None
+    """Quorum queues: ``x-delivery-limit``."""
 
     @classmethod
     def resolve(cls, settings: RabbitSettings, options: Mapping[str, Any]) -> SubscriptionOptions:
@@ -170,7 +182,10 @@ class SubscriptionOptions:
             "single_active_consumer",
             options.get("single_active_consumer", settings.single_active_consumer),
         )
-        return cls(queue_type=queue_type, single_active_consumer=sac)
+        limit = _coerce("delivery_limit", options.get("delivery_limit", settings.delivery_limit))
+        if limit is not None and queue_type != "quorum":
+            raise ConfigurationError("delivery_limit", "applies to quorum queues only (queue_type='quorum')")
+        return cls(queue_type=queue_type, single_active_consumer=sac, delivery_limit=limit)
 
     def queue_arguments(self) -> dict[str, Any]:
         """The ``x-`` arguments a group queue is declared with."""
@@ -181,6 +196,8 @@ class SubscriptionOptions:
             args["x-queue-type"] = "quorum"
         if self.single_active_consumer:
             args["x-single-active-consumer"] = True
+        if self.delivery_limit is not None:
+            args["x-delivery-limit"] = self.delivery_limit
         return args
 
 
@@ -199,6 +216,9 @@ def _coerce(name: str, value: Any) -> Any:
     optional = type(None) in args
     if optional and (value is None or value == ""):
         return None
+    if optional:
+        kind = next(a for a in args if a is not type(None))  # int | None -> int, str | None -> str
+        args = typing.get_args(kind)
     if kind is bool:
         if isinstance(value, bool):
             return value

@@ -126,6 +126,21 @@ class RabbitTransport(Transport):
             raise
         return sub
 
+    @property
+    def delivery_deadline(self) -> tuple[float, str]:
+        """How long a handler may hold a message before the broker takes it back."""
+        return self.settings.consumer_timeout, "consumer_timeout"
+
+    def check_subscription(self, spec: SubscriptionSpec, budget: int) -> list[str]:
+        """Contradictions between a subscription's queue settings and a handler's attempt budget."""
+        options = SubscriptionOptions.resolve(self.settings, spec.options)
+        if options.delivery_limit is not None and options.delivery_limit < budget:
+            return [
+                f"quorum delivery-limit {options.delivery_limit} is below the attempt budget of {budget}: "
+                "the broker would drop a message meshlink still means to retry"
+            ]
+        return []
+
     def explain(self) -> list[dict[str, Any]]:
         """Every exchange, queue and binding this transport declared, plus live consumers."""
         out = self.topology.explain()
