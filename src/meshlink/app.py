@@ -120,6 +120,7 @@ class Mesh:
         bulkhead: Bulkhead | None = None,
         breaker: Breaker | _Unset | None = UNSET,
         idempotency: Idempotency | _Unset | None = UNSET,
+        unit_of_work: Middleware | _Unset | None = UNSET,
         dead_letter: str | None = None,
         middleware: Sequence[Middleware] = (),
         options: Mapping[str, Any] | None = None,
@@ -142,6 +143,9 @@ class Mesh:
             bulkhead: the same as ``concurrency``, as a :class:`~meshlink.Bulkhead`.
             breaker: a :class:`~meshlink.Breaker` (named ones are shared), or ``None``.
             idempotency: an :class:`~meshlink.Idempotency` (store and key), or ``None``.
+            unit_of_work: middleware around each try (e.g. ``meshlink_sqlalchemy.UnitOfWork``:
+                one transaction per try with the inbox record, the handler's writes and
+                its outgoing messages).
             dead_letter: where failed messages go; default ``<destination>.<group>.dlq``.
             Policies not given come from the mesh's ``defaults``.
             middleware: handler-level middleware, first listed outermost.
@@ -166,6 +170,7 @@ class Mesh:
             else (concurrency if concurrency is not None else d.concurrency),
             breaker=d.breaker if isinstance(breaker, _Unset) else breaker,
             idempotency=d.idempotency if isinstance(idempotency, _Unset) else idempotency,
+            unit_of_work=d.unit_of_work if isinstance(unit_of_work, _Unset) else unit_of_work,
             max_body_bytes=d.max_body_bytes,
         )
 

@@ -37,7 +37,7 @@ __all__ = ["Dispatcher", "policy_stack"]
 
 def policy_stack(spec: HandlerSpec, breaker: Middleware | None, bulkhead: Bulkhead) -> list[Middleware]:
     """The resilience middleware of a handler, outermost first:
-    idempotency → breaker → bulkhead → retry → timeout."""
+    idempotency → breaker → bulkhead → retry → unit of work → timeout."""
     p = spec.policies
     stack: list[Middleware] = []
     if p.idempotency is not None:
@@ -47,6 +47,8 @@ def policy_stack(spec: HandlerSpec, breaker: Middleware | None, bulkhead: Bulkhe
     stack.append(bulkhead)
     if p.retry.attempts > 1:
         stack.append(RetryMiddleware(p.retry))
+    if p.unit_of_work is not None:
+        stack.append(p.unit_of_work)
     if p.timeout is not None:
         stack.append(Timeout(p.timeout))
     return stack

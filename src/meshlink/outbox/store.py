@@ -191,8 +191,8 @@ class OutboxStore(Protocol):
 
     async def record_failure(
         self, relay: str, failures: Sequence[RowFailure], *, now: float, max_attempts: int
-    ) -> int:
-        """Count a failed attempt per row; move aside those out of budget. Returns how many moved."""
+    ) -> list[int]:
+        """Count a failed attempt per row; move aside those out of budget. Returns the ids moved."""
         ...
 
     async def purge(self, *, sent_before: float, limit: int = 10_000) -> int:

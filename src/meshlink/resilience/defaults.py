@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from meshlink.errors import ConfigurationError
+from meshlink.pipeline import Middleware
 from meshlink.resilience.breaker import Breaker
 from meshlink.resilience.idempotency import Idempotency
 from meshlink.resilience.policy import Retry, parse_duration
@@ -36,6 +37,9 @@ class Policies:
     """Circuit breaker; ``None`` for none."""
     idempotency: Idempotency | None = None
     """Skip messages whose key was processed; ``None`` for no check."""
+    unit_of_work: Middleware | None = None
+    """Middleware run around each *try* (inside retry, outside timeout): e.g. the SQL
+    unit of work, so every try gets its own transaction and a failed try leaves nothing."""
     max_body_bytes: int = 16 * 1024 * 1024
     """Bodies larger than this are dead-lettered before decoding (and refused on publish)."""
 

@@ -1,0 +1,136 @@
+"""The outbox writer: publish inside the caller's own database transaction.
+
+::
+
+    outbox = Outbox(store, source="billing")
+    async with AsyncSession(engine) as session, session.begin():
+        session.add(Invoice(...))
+        await outbox.publish(session, "invoices.created", InvoiceCreated(...), key=invoice_id)
+    # committed: the relay publishes it; rolled back: nothing is ever sent
+
+Inside a handler whose unit of work is a SQL transaction, ``ctx.publish`` goes
+through :meth:`Outbox.publisher` into the same transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from meshlink.clock import Clock, SystemClock
+from meshlink.codec import encode, type_name
+from meshlink.context import Publisher
+from meshlink.errors import ConfigurationError, EncodeError
+from meshlink.message import FAILURE_PREFIX, RESERVED_HEADERS, Message
+from meshlink.outbox.store import OutboxEntry, OutboxStore
+from meshlink.resilience.policy import parse_duration
+
+__all__ = ["Outbox"]
+
+
+class Outbox:
+    """Writes messages into an outbox store, in the caller's transaction.
+
+    Args:
+        store: the outbox store (``meshlink_sqlalchemy`` for SQL, or the memory store).
+        source: the ``ce_source`` of messages built here (the service name).
+        clock: time source for ``created_at`` and ``delay``.
+    """
+
+    def __init__(self, store: OutboxStore, *, source: str = "meshlink", clock: Clock | None = None) -> None:
+        self.store = store
+        self.source = source
+        self.clock: Clock = clock or SystemClock()
+
+    def message(
+        self,
+        payload: object,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        type: str | None = None,
+        idempotency_key: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Message:
+        """Build the envelope for ``payload`` (a ready :class:`~meshlink.Message` is kept, with ``key``)."""
+        if isinstance(payload, Message):
+            return payload if key is None or payload.key == key else payload.replace(key=key)
+        if headers:
+            bad = RESERVED_HEADERS.intersection(headers) or {
+                h for h in headers if h.startswith(FAILURE_PREFIX)
+            }
+            if bad:
+                raise EncodeError(f"headers {sorted(bad)} are envelope fields; use the keyword arguments")
+        body, content_type = encode(payload)
+        return Message(
+            body=body,
+            content_type=content_type,
+            type=type if type is not None else type_name(payload),
+            source=self.source,
+            key=key,
+            headers=dict(headers or {}),
+            idempotency_key=idempotency_key or "",
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+        )
+
+    async def publish(
+        self,
+        session: Any,
+        destination: str,
+        payload: object,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        type: str | None = None,
+        idempotency_key: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        delay: float | str | None = None,
+    ) -> Message:
+        """Add a message to the outbox inside ``session``'s transaction; returns the envelope.
+
+        Nothing reaches the broker unless that transaction commits. ``delay``
+        (seconds or ``"5s"``) makes the message deliverable that long after it
+        was written; the broker holds it, so it never blocks the relay.
+
+        Raises:
+            ConfigurationError: no destination, or a negative delay.
+            EncodeError: the payload cannot be encoded, or ``headers`` names an envelope field.
+        """
+        message = self.message(
+            payload,
+            key=key,
+            headers=headers,
+            type=type,
+            idempotency_key=idempotency_key,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+        )
+        await self.add(session, destination, message, delay=delay)
+        return message
+
+    async def add(
+        self, session: Any, destination: str, message: Message, *, delay: float | str | None = None
+    ) -> None:
+        """Add a ready envelope to the outbox inside ``session``'s transaction."""
+        if not destination:
+            raise ConfigurationError("destination", "must be a non-empty string")
+        now = self.clock.time()
+        seconds = parse_duration(delay, setting="delay") if delay is not None else None
+        entry = OutboxEntry(
+            destination=destination,
+            message=message,
+            created_at=now,
+            deliver_at=now + seconds if seconds else None,
+        )
+        await self.store.add(session, [entry])
+
+    def publisher(self, session: Any) -> Publisher:
+        """A :data:`~meshlink.context.Publisher` that writes into ``session`` (for ``ctx.publisher``)."""
+
+        async def publish(destination: str, message: Message, delay: float | None) -> None:
+            await self.add(session, destination, message, delay=delay)
+
+        return publish

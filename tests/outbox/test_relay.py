@@ -1,0 +1,169 @@
+"""The relay: order, confirmation, failures, breaker, wake-ups, shutdown (memory store, scripted broker)."""
+
+from __future__ import annotations
+
+import json
+
+from meshlink import Breaker, FakeClock
+from meshlink.errors import PublishError, UnroutableError
+from meshlink.outbox import (
+    MemoryOutboxStore,
+    Outbox,
+    OutboxBatchPublished,
+    OutboxRow,
+    OutboxRowMovedAside,
+    Relay,
+)
+
+from .helpers import Recorder, ScriptedTransport
+
+
+async def write(outbox: Outbox, store: MemoryOutboxStore, items: list[tuple[str | None, int]]) -> None:
+    async with store.transaction() as tx:
+        for key, n in items:
+            await outbox.publish(tx, "orders", {"n": n}, key=key)
+
+
+def numbers(transport: ScriptedTransport) -> list[int]:
+    return [json.loads(m.body)["n"] for m in transport.published]
+
+
+async def test_a_keys_rows_go_out_one_wave_after_another_and_are_marked_sent(
+    transport: ScriptedTransport, fake_clock: FakeClock
+) -> None:
+    store = MemoryOutboxStore()
+    outbox = Outbox(store, clock=fake_clock)
+    await write(outbox, store, [("x", 1), ("y", 2), ("x", 3), (None, 4), ("x", 5)])
+    relay = Relay(store, transport, clock=fake_clock)
+    assert await relay.run_once() == 5
+    waves = [[json.loads(o.message.body)["n"] for o in call] for call in transport.calls]
+    assert waves == [[1, 2, 4], [3], [5]]  # x's rows each after the previous was confirmed
+    stats = await store.stats(now=fake_clock.time())
+    assert (stats.pending, stats.sent) == (0, 5)
+    assert relay.counters.published == 5
+
+
+async def test_a_broker_outage_gives_rows_back_untouched_and_the_breaker_pauses_the_relay(
+    transport: ScriptedTransport, fake_clock: FakeClock
+) -> None:
+    store = MemoryOutboxStore()
+    await write(Outbox(store, clock=fake_clock), store, [("x", 1), ("x", 2), (None, 3)])
+    relay = Relay(store, transport, clock=fake_clock, breaker=Breaker(failures=2, reset="10s"))
+    await relay.breaker.start()
+    transport.fail = lambda o: PublishError("link down")
+    assert await relay.run_once() == 3
+    assert await relay.run_once() == 3
+    assert relay.paused
+    pending = await store.list_pending()
+    assert [r.attempts for r in pending] == [0, 0, 0]  # the rows are not to blame
+    assert (await store.stats(now=fake_clock.time())).in_flight == 0  # nothing left leased
+    transport.fail = lambda o: None
+    await fake_clock.wait_for_sleepers(1)  # the breaker's open timer
+    await fake_clock.advance(10)  # half-open: one trial
+    assert relay.breaker.state == "half-open"
+    await relay.run_once()
+    await relay.run_once()
+    assert sorted(numbers(transport)) == [1, 2, 3]
+    assert numbers(transport).index(1) < numbers(transport).index(2)
+    await relay.breaker.stop()
+
+
+async def test_a_refused_row_is_retried_then_moved_aside_while_other_keys_go_on(
+    transport: ScriptedTransport, fake_clock: FakeClock, recorder: Recorder
+) -> None:
+    store = MemoryOutboxStore()
+    outbox = Outbox(store, clock=fake_clock)
+    async with store.transaction() as tx:
+        await outbox.publish(tx, "nowhere", {"n": 1}, key="x")
+        await outbox.publish(tx, "orders", {"n": 2}, key="x")
+        await outbox.publish(tx, "orders", {"n": 3}, key="y")
+    transport.fail = lambda o: UnroutableError("no route") if o.destination == "nowhere" else None
+    relay = Relay(store, transport, clock=fake_clock, max_attempts=2, retry_backoff=1, emit=recorder)
+    await relay.run_once()
+    assert numbers(transport) == [3]  # x held back behind its failed head
+    await fake_clock.advance(1)
+    await relay.run_once()
+    moved = recorder.of(OutboxRowMovedAside)
+    assert len(moved) == 1
+    assert "UnroutableError: no route" in moved[0].reason  # type: ignore[attr-defined]
+    [failed] = await store.list_failed()
+    assert (failed.destination, failed.attempts) == ("nowhere", 2)
+    await relay.run_once()
+    assert numbers(transport) == [3, 2]
+
+
+async def test_an_undecodable_row_is_moved_aside_at_once(
+    transport: ScriptedTransport, fake_clock: FakeClock
+) -> None:
+    store = MemoryOutboxStore()
+    bad = OutboxRow(
+        id=0, destination="d", key="k", headers="{bad", body=b"", created_at=0, deliver_at=None, attempts=0
+    )
+    store.insert_raw(bad)
+    relay = Relay(store, transport, clock=fake_clock)
+    await relay.run_once()
+    [failed] = await store.list_failed()
+    assert failed.reason.startswith("JSONDecodeError")
+    assert transport.calls == []
+
+
+async def test_a_delayed_message_is_handed_to_the_broker_with_the_remaining_delay(
+    transport: ScriptedTransport, fake_clock: FakeClock
+) -> None:
+    store = MemoryOutboxStore()
+    async with store.transaction() as tx:
+        await Outbox(store, clock=fake_clock).publish(tx, "orders", {"n": 1}, delay="10s")
+    await fake_clock.advance(4)
+    await Relay(store, transport, clock=fake_clock).run_once()
+    assert transport.calls[0][0].delay == 6
+
+
+async def test_the_relay_wakes_on_commit_and_stops_gracefully(
+    transport: ScriptedTransport, fake_clock: FakeClock, recorder: Recorder
+) -> None:
+    store = MemoryOutboxStore()
+    relay = Relay(store, transport, clock=fake_clock, emit=recorder)  # the fake clock never polls
+    await relay.start()
+    await write(Outbox(store, clock=fake_clock), store, [("x", 1), ("x", 2)])
+    await recorder.until(lambda: relay.counters.published == 2)
+    assert len(recorder.of(OutboxBatchPublished)) == 1
+    await relay.stop()
+    assert not relay.running
+    await write(Outbox(store, clock=fake_clock), store, [("x", 3)])
+    assert len(await store.list_pending()) == 1  # a stopped relay publishes nothing
+
+
+async def test_a_lapsing_lease_stops_the_batch_and_gives_the_rest_back(fake_clock: FakeClock) -> None:
+    store = MemoryOutboxStore()
+    await write(Outbox(store, clock=fake_clock), store, [("x", 1), ("x", 2)])
+
+    class Slow(ScriptedTransport):
+        async def publish_many(self, items: object) -> None:
+            await super().publish_many(items)  # type: ignore[arg-type]
+            await fake_clock.advance(25)  # past 80% of the 30 s lease
+
+    transport = Slow()
+    await Relay(store, transport, clock=fake_clock, lease=30).run_once()
+    assert numbers(transport) == [1]
+    assert [(r.attempts, r.key) for r in await store.list_pending()] == [(0, "x")]
+
+
+async def test_a_relay_attached_to_a_mesh_starts_and_stops_with_it(memory_url: str) -> None:
+    from meshlink import Mesh
+    from meshlink.testing import MeshHarness
+
+    mesh = Mesh(memory_url, service="billing")
+    seen: list[int] = []
+
+    @mesh.handler("orders")
+    async def take(body: dict[str, int]) -> None:
+        seen.append(body["n"])
+
+    store = MemoryOutboxStore()
+    relay = Relay(store).attach(mesh)
+    async with MeshHarness(mesh) as h:
+        assert relay.running
+        await write(Outbox(store), store, [("x", 1), ("x", 2)])
+        await h.wait_for(lambda _h: len(seen) == 2)
+    assert seen == [1, 2]
+    assert not relay.running
