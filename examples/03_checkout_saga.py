@@ -152,8 +152,10 @@ async def main() -> None:
             print(f"orders     start checkout for {order_id} ({amount:.2f})")
             ids[order_id] = await coordinator.start(checkout, Order(order_id=order_id, amount=amount))
         async with asyncio.timeout(30):
-            while not all(i.status.finished for i in await instances(ids)):
-                finished.clear()
+            while True:
+                finished.clear()  # before looking, so a save while we look still wakes us
+                if all(i.status.finished for i in await instances(ids)):
+                    break
                 await finished.wait()
         print()
         completed = 0

@@ -7,7 +7,9 @@
 * :class:`SqlInbox` — idempotency keys, and :class:`UnitOfWork`, the middleware
   that puts the inbox record, the handler's writes and its outgoing messages in
   one transaction;
-* :class:`SqlSagaStore` — versioned saga state with history;
+* :class:`SqlSagaStore` — versioned saga state with history, and
+  :class:`SqlSagaInstanceStore`, the saga coordinator's store on it (state and
+  commands in one transaction, through the outbox);
 * :data:`metadata` / :func:`build_tables` — the tables, for Alembic.
 """
 
@@ -15,6 +17,7 @@ from meshlink_sqlalchemy.engine import is_connection_error, make_engine, with_re
 from meshlink_sqlalchemy.inbox import SqlInbox
 from meshlink_sqlalchemy.outbox import SqlOutboxStore
 from meshlink_sqlalchemy.saga import SagaHistoryEntry, SagaState, SqlSagaStore, StaleSagaError
+from meshlink_sqlalchemy.saga_instances import SqlSagaInstanceStore
 from meshlink_sqlalchemy.stores import SqlStores
 from meshlink_sqlalchemy.tables import DEFAULT_PREFIX, Tables, build_tables, metadata
 from meshlink_sqlalchemy.unit_of_work import UnitOfWork
@@ -25,6 +28,7 @@ __all__ = [
     "SagaState",
     "SqlInbox",
     "SqlOutboxStore",
+    "SqlSagaInstanceStore",
     "SqlSagaStore",
     "SqlStores",
     "StaleSagaError",

@@ -21,16 +21,12 @@ from sqlalchemy import update as sql_update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from meshlink.clock import Clock, SystemClock
-from meshlink.errors import MeshlinkError
+from meshlink.saga.store import StaleSagaError
 from meshlink_sqlalchemy.tables import Tables
 
 __all__ = ["SagaHistoryEntry", "SagaState", "SqlSagaStore", "StaleSagaError"]
 
 T = TypeVar("T")
-
-
-class StaleSagaError(MeshlinkError):
-    """The saga changed since it was read (optimistic version check failed), or does not exist."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
