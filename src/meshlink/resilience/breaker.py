@@ -98,7 +98,12 @@ class CircuitBreaker:
         self._shared = config.redis_url is not None
         storage: pybreaker.CircuitBreakerStorage | None = None
         if config.redis_url is not None:
-            import redis  # optional dependency: only for breakers shared across processes
+            try:
+                import redis  # optional dependency: only for breakers shared across processes
+            except ImportError as exc:
+                raise ConfigurationError(
+                    "breaker.redis_url", "a shared breaker needs redis: pip install 'meshlink[redis]'"
+                ) from exc
 
             client = redis.Redis.from_url(config.redis_url)
             storage = pybreaker.CircuitRedisStorage(CLOSED, client, namespace=f"meshlink:{name}")

@@ -108,7 +108,12 @@ class RedisIdempotencyStore:
     _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str = "meshlink:idem:") -> None:
-        import redis.asyncio  # optional dependency
+        try:
+            import redis.asyncio  # optional dependency
+        except ImportError as exc:
+            raise ConfigurationError(
+                "idempotency.store", "RedisIdempotencyStore needs redis: pip install 'meshlink[redis]'"
+            ) from exc
 
         self._redis = redis.asyncio.Redis.from_url(url)
         self.prefix = prefix
