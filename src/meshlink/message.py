@@ -162,8 +162,15 @@ class Message:
         still reaches its handler (or the dead-letter destination) instead of being
         lost in the transport.
         """
-        # broker clients mostly hand over str already; only bytes and others need converting
-        text = {k: v if v.__class__ is str else _as_text(v) for k, v in headers.items()}
+        # broker clients hand over str (AMQP) or bytes (Kafka); convert only what is not str
+        text = {
+            k: v
+            if v.__class__ is str
+            else v.decode("utf-8", "replace")
+            if v.__class__ is bytes
+            else _as_text(v)
+            for k, v in headers.items()
+        }
         attempt_raw = text.pop(H_ATTEMPT, "1")
         try:
             attempt = max(1, int(attempt_raw))
@@ -176,20 +183,34 @@ class Message:
             time = _utcnow()
         text.pop(CE_SPECVERSION, None)
         msg_id = text.pop(CE_ID, "") or new_message_id()
-        return cls(
-            body=body,
-            id=msg_id,
-            type=text.pop(CE_TYPE, ""),
-            source=text.pop(CE_SOURCE, ""),
-            time=time,
-            key=key,
-            content_type=text.pop(CONTENT_TYPE, "application/json"),
-            correlation_id=text.pop(H_CORRELATION_ID, None),
-            causation_id=text.pop(H_CAUSATION_ID, None),
-            idempotency_key=text.pop(H_IDEMPOTENCY_KEY, "") or msg_id,
-            attempt=attempt,
-            headers=text,
-        )
+        # Trusted construction: every value is already of its field's type, so the
+        # generated __init__ and __post_init__ (which copy and check) are skipped on
+        # this per-message path.
+        message = object.__new__(cls)
+        for slot, value in zip(
+            _SLOT_SETTERS,
+            (
+                body,
+                text.pop(CE_TYPE, ""),
+                msg_id,
+                text.pop(CE_SOURCE, ""),
+                time if time.tzinfo is not None else time.replace(tzinfo=UTC),
+                key,
+                text.pop(CONTENT_TYPE, "application/json"),
+                text.pop(H_CORRELATION_ID, None),
+                text.pop(H_CAUSATION_ID, None),
+                text.pop(H_IDEMPOTENCY_KEY, "") or msg_id,
+                attempt,
+                MappingProxyType(text),
+            ),
+            strict=True,
+        ):
+            slot(message, value)
+        return message
+
+
+_SLOT_SETTERS = tuple(getattr(Message, f.name).__set__ for f in dataclasses.fields(Message))
+"""Slot setters in field order, for the trusted constructor in :meth:`Message.from_headers`."""
 
 
 def _as_text(value: object) -> str:
