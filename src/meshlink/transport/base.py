@@ -36,7 +36,10 @@ Delivery and settlement
     quickly. At most ``prefetch`` deliveries of a subscription are unsettled at
     any moment. Each delivery is settled exactly once: ``ack`` (done), ``nack``
     with ``requeue=True`` (deliver again, ``redelivered`` set) or ``reject``
-    (drop from this group). Settling twice raises
+    (drop from this group). ``redelivered`` is exact after a nack or a close; after
+    a consumer crash it is best effort where the broker cannot always tell (Kafka,
+    once a partition moved to another member without its commit metadata).
+    Settling twice raises
     :class:`~meshlink.errors.AlreadySettledError`. Settling a delivery whose link
     to the broker is gone is a no-op: the broker redelivers it anyway.
 
