@@ -1,0 +1,124 @@
+"""A fetched record, the partition state it belongs to, and the Delivery handed to subscribers.
+
+``redelivered`` on Kafka: the broker keeps no delivery count, so a consumer
+records, with each commit, the highest offset it has handed out (see
+:mod:`meshlink_kafka.progress`). The next owner of the partition flags every
+record at or below that mark as redelivered. After a crash, records handed out
+after the last commit are not flagged (the mark was never written); a nack
+within one consumer is always flagged and counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from aiokafka import TopicPartition
+
+from meshlink.message import Message
+from meshlink.transport.base import Delivery
+from meshlink_kafka.progress import Progress
+from meshlink_kafka.tracker import OffsetTracker
+
+if TYPE_CHECKING:
+    from meshlink_kafka.consumer import KafkaSubscription
+
+__all__ = ["Item", "KafkaDelivery", "PartitionState", "message_of"]
+
+
+class PartitionState:
+    """One assigned partition of one subscription, for one assignment (an *epoch*)."""
+
+    __slots__ = (
+        "active",
+        "committed",
+        "draining",
+        "handed_out",
+        "inflight",
+        "next_offset",
+        "redelivered_upto",
+        "skip",
+        "tp",
+        "tracker",
+    )
+
+    def __init__(self, tp: TopicPartition, previous: Progress) -> None:
+        self.tp = tp
+        self.tracker = OffsetTracker()
+        self.next_offset = -1
+        """Offsets below this were taken already (records repeated by the client are skipped)."""
+        self.inflight = 0
+        """Deliveries handed out and not settled."""
+        self.handed_out = previous.handed_out
+        """Highest offset handed out by this group so far (as far as we know)."""
+        self.redelivered_upto = previous.handed_out
+        """Records at or below this offset were handed out before: flagged redelivered."""
+        self.skip = previous.done
+        """Offsets a previous owner settled for good: not handed out again."""
+        self.committed: tuple[int, int, int] | None = None
+        """(position, handed_out, done ahead) last committed."""
+        self.draining = False
+        """Revocation in progress: nothing more is handed out; settlements still count."""
+        self.active = True
+        """False once released: settlements of its deliveries are no-ops."""
+
+
+class Item:
+    """A fetched record waiting for (or in) delivery (plain attributes: this is the hot path)."""
+
+    __slots__ = ("count", "flagged", "offset", "order_key", "part", "partition_key", "record")
+
+    def __init__(self, record: Any, part: PartitionState, flagged: bool) -> None:
+        self.record = record
+        self.part = part
+        self.partition_key: Hashable = part.tp
+        """The partition the record came from."""
+        self.order_key: Hashable | None = record.key
+        """The record key: order is kept per key within the partition."""
+        self.offset: int = record.offset
+        self.count = 0
+        """Earlier deliveries of this record by this consumer (nacks)."""
+        self.flagged = flagged
+        """A previous owner of the partition handed this record out (count unknown)."""
+
+
+def message_of(record: Any) -> Message:
+    """Rebuild the envelope from a consumer record (lenient, see :meth:`Message.from_headers`)."""
+    key = record.key
+    return Message.from_headers(
+        {k: v.decode("utf-8", errors="replace") for k, v in record.headers},
+        record.value if record.value is not None else b"",
+        key=key.decode("utf-8", errors="replace") if key is not None else None,
+    )
+
+
+class KafkaDelivery(Delivery):
+    """A record handed to a subscription; settling it updates the partition's committable offset."""
+
+    __slots__ = ("_item", "_sub")
+
+    def __init__(self, sub: KafkaSubscription, item: Item) -> None:
+        super().__init__(
+            message_of(item.record),
+            destination=sub.spec.destination,
+            group=sub.spec.group,
+            redelivered=item.flagged or item.count > 0,
+            # the count is known unless another member handed the record out before
+            delivery_count=None if item.flagged else item.count + 1,
+        )
+        self._sub = sub
+        self._item = item
+
+    @property
+    def location(self) -> Mapping[str, str]:
+        rec = self._item.record
+        return {"topic": rec.topic, "partition": str(rec.partition), "offset": str(rec.offset)}
+
+    async def _do_ack(self) -> None:
+        self._sub.settle(self._item, done=True)
+
+    async def _do_nack(self) -> None:
+        self._sub.settle(self._item, done=False)
+
+    async def _do_reject(self) -> None:
+        self._sub.settle(self._item, done=True)

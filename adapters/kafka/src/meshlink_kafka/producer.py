@@ -1,0 +1,142 @@
+"""Producing: envelope in record headers, key to partition, ``acks=all``, a deadline on every send.
+
+``send_many`` pipelines: every record is handed to aiokafka's accumulator first
+(so they share batches and requests), then all delivery futures are awaited
+together. Both stages run under one deadline, because a send can block on
+metadata or a full buffer while the broker is unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping, Sequence
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError
+
+from meshlink.errors import PublishError, PublishTimeoutError
+from meshlink.message import Message
+from meshlink_kafka.settings import KafkaSettings
+
+__all__ = ["Producer", "Record", "record_of"]
+
+Headers = list[tuple[str, bytes]]
+
+
+class Record:
+    """One record ready for the wire."""
+
+    __slots__ = ("headers", "key", "message_id", "topic", "value")
+
+    def __init__(
+        self, topic: str, key: bytes | None, value: bytes, headers: Headers, message_id: str
+    ) -> None:
+        self.topic = topic
+        self.key = key
+        self.value = value
+        self.headers = headers
+        self.message_id = message_id
+
+
+def record_of(topic: str, message: Message, extra: Mapping[str, str] | None = None) -> Record:
+    """The record that carries ``message`` to ``topic``; ``extra`` headers are added."""
+    headers = message.to_headers()
+    if extra:
+        headers.update(extra)
+    return Record(
+        topic,
+        message.key.encode() if message.key is not None else None,
+        message.body,
+        [(k, v.encode()) for k, v in headers.items()],
+        message.id,
+    )
+
+
+class Producer:
+    """The transport's single producer (aiokafka producers are coroutine-safe and batch across tasks)."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self._settings = settings
+        self._producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        """Connect (raises aiokafka errors when the cluster is unreachable)."""
+        producer = AIOKafkaProducer(**self._settings.producer_kwargs())
+        try:
+            await producer.start()
+        except BaseException:
+            await asyncio.wait_for(producer.stop(), self._settings.close_timeout)
+            raise
+        self._producer = producer
+
+    async def stop(self) -> None:
+        """Flush and disconnect, bounded by ``close_timeout``."""
+        if self._producer is None:
+            return
+        producer, self._producer = self._producer, None
+        # brokers unreachable: unsent records are lost to us, and their publishers were told
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(producer.stop(), self._settings.close_timeout)
+
+    def _live(self, record: Record) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise PublishError(
+                "kafka producer is closed", destination=record.topic, message_id=record.message_id
+            )
+        return self._producer
+
+    async def send(self, record: Record) -> None:
+        """Send one record and wait for ``acks=all``; raise a typed error otherwise."""
+        producer = self._live(record)
+        try:
+            async with asyncio.timeout(self._settings.publish_timeout):
+                fut = await producer.send(record.topic, record.value, key=record.key, headers=record.headers)
+                await fut
+        except BaseException as exc:
+            raise _translate(exc, record) from exc
+
+    async def send_many(self, records: Sequence[Record]) -> list[BaseException | None]:
+        """Send every record pipelined; return ``None`` or the error for each, in order."""
+        results: list[BaseException | None] = [None] * len(records)
+        futures: list[tuple[int, asyncio.Future[object]]] = []
+        try:
+            async with asyncio.timeout(self._settings.publish_timeout):
+                for i, record in enumerate(records):
+                    producer = self._live(record)
+                    try:
+                        fut = await producer.send(
+                            record.topic, record.value, key=record.key, headers=record.headers
+                        )
+                    except KafkaError as exc:
+                        results[i] = _translate(exc, record)
+                        continue
+                    futures.append((i, fut))
+                outcomes = await asyncio.gather(*(f for _, f in futures), return_exceptions=True)
+                for (i, _), outcome in zip(futures, outcomes, strict=True):
+                    if isinstance(outcome, BaseException):
+                        results[i] = _translate(outcome, records[i])
+        except TimeoutError:
+            sent = dict(futures)
+            for i, record in enumerate(records):
+                fut = sent.get(i)
+                confirmed = fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None
+                if results[i] is None and not confirmed:
+                    results[i] = _translate(TimeoutError(), record)
+        return results
+
+
+def _translate(exc: BaseException, record: Record) -> BaseException:
+    """aiokafka's and asyncio's errors as meshlink's (cancellation passes through)."""
+    if isinstance(exc, asyncio.CancelledError | PublishError):
+        return exc
+    where = {"destination": record.topic, "message_id": record.message_id}
+    if isinstance(exc, TimeoutError | KafkaTimeoutError):
+        return PublishTimeoutError("no confirmation before the publish deadline; outcome unknown", **where)
+    if isinstance(exc, MessageSizeTooLargeError):
+        err = PublishError(f"message too large for max_request_size: {exc}", **where)
+        err.retryable = False
+        return err
+    if isinstance(exc, KafkaError):
+        return PublishError(f"kafka refused the message: {exc}", **where)
+    return exc
