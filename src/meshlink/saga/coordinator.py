@@ -108,7 +108,10 @@ class SagaCoordinator:
                 created_at=now,
                 updated_at=now,
             ).log(now, "", "started")
-            instance = await self._save(instance)
+            try:
+                instance = await self._save(instance)
+            except StaleSagaError:
+                return sid  # another coordinator created it at the same moment: it runs it
             await self._advance(definition, instance)
         return sid
 
