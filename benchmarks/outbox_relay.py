@@ -4,10 +4,16 @@ Run (services of docs/services: PostgreSQL 127.0.0.1:5432 db ``test``, RabbitMQ 
 
     .venv/bin/python benchmarks/outbox_relay.py [--messages 20000] [--broker amqp://…] [--kafka kafka://host:port]
 
-Figures, each in the same run:
+Kafka: ``--kafka``, else ``MESHLINK_KAFKA_BOOTSTRAP``, else a local Kafka-protocol broker started
+by ``scripts/kafka_broker.py`` (``--no-kafka`` skips it). Its URL gets short group timings and
+``fetch_max_wait_ms=10`` unless it sets them (the test broker answers fetches and joins slowly).
+
+Figures, each in the same run, for RabbitMQ and Kafka:
 
 1. throughput of publishing N messages directly through the adapter (``publish_many`` in
-   chunks of the relay's batch size) and of the relay draining the same N rows from PostgreSQL;
+   chunks of the relay's batch size, until every one is confirmed) and of the relay draining
+   the same N rows from PostgreSQL (until every row is confirmed by the broker: the same end
+   point), plus the relay end to end (until a consumer received every row);
 2. database statements per relayed message (SQLAlchemy ``before_cursor_execute`` on the relay's engine);
 3. p99 commit-to-publish latency at 500 msg/s, one message per transaction, relay woken by NOTIFY
    (measured at the consumer: receive time - commit time);
@@ -19,11 +25,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import importlib.util
 import json
+import os
 import statistics
+import sys
 import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from sqlalchemy import Column, Integer, MetaData, String, Table, event
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -31,12 +44,21 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from meshlink import Idempotency, MemoryIdempotencyStore, Mesh, Message, Retry
 from meshlink.context import Context
 from meshlink.events import Event, MessageHandled
-from meshlink.outbox import Outbox, Relay
+from meshlink.outbox import Outbox, OutboxBatchPublished, Relay
 from meshlink.transport.base import Delivery, Outgoing, SubscriptionSpec, Transport
 from meshlink.transport.registry import transport_from_url
 from meshlink_sqlalchemy import SqlStores
 
 PG = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+#: Kafka settings for the test broker's slow fetch answers and group joins (a URL may override them).
+KAFKA_TEST_OPTIONS = {
+    "session_timeout_ms": "6000",
+    "heartbeat_interval_ms": "1000",
+    "rebalance_timeout_ms": "6000",
+    "request_timeout_ms": "12000",
+    "drain_timeout": "3",
+    "fetch_max_wait_ms": "10",
+}
 
 
 def unique(prefix: str) -> str:
@@ -108,12 +130,25 @@ async def throughput(broker: str, n: int, batch: int) -> dict[str, Any]:
             nonlocal statements
             statements += 1
 
+        confirmed = 0
+        all_confirmed = asyncio.Event()
+
+        def on_event(e: Event) -> None:
+            nonlocal confirmed
+            if isinstance(e, OutboxBatchPublished):
+                confirmed += len(e.ids)
+                if confirmed >= n:
+                    all_confirmed.set()
+
         event.listen(stores.engine.sync_engine, "before_cursor_execute", count)
-        relay = Relay(stores.outbox, publisher, batch_size=batch, poll_interval="50ms")
+        relay = Relay(stores.outbox, publisher, batch_size=batch, poll_interval="50ms", emit=on_event)
         started = time.perf_counter()
         await relay.start()
-        await sink.done.wait()  # end to end: every row received by the consumer
+        await all_confirmed.wait()  # every row confirmed by the broker, as for direct publishing
         out["relay_msg_s"] = n / (time.perf_counter() - started)
+        await sink.done.wait()  # end to end: every row received by the consumer
+        out["relay_end_to_end_msg_s"] = n / (time.perf_counter() - started)
+        out["relay_vs_direct"] = out["relay_msg_s"] / out["direct_msg_s"]
         await relay.stop()
         event.remove(stores.engine.sync_engine, "before_cursor_execute", count)
         out["statements_per_msg"] = statements / n
@@ -236,18 +271,48 @@ async def consumer_cpu(broker: str, n: int, *, sql: bool) -> float:
         await stores.close()
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--messages", type=int, default=20_000)
-    parser.add_argument("--batch", type=int, default=1000)
-    parser.add_argument("--broker", default="amqp://guest:guest@127.0.0.1:5672/")
-    parser.add_argument("--kafka", default=None, help="kafka://host:port to measure Kafka too")
-    args = parser.parse_args()
+def kafka_url(url: str) -> str:
+    """``url`` with the test-broker settings it does not set itself."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    for name, value in KAFKA_TEST_OPTIONS.items():
+        query.setdefault(name, value)
+    return urlunsplit(parts._replace(path=parts.path or "/", query=urlencode(query)))
+
+
+@contextlib.contextmanager
+def kafka_broker(given: str | None, enabled: bool) -> Iterator[str | None]:
+    """The Kafka URL to measure: given, from ``MESHLINK_KAFKA_BOOTSTRAP``, or a local broker."""
+    if not enabled:
+        yield None
+        return
+    if given:
+        yield kafka_url(given)
+        return
+    bootstrap = os.environ.get("MESHLINK_KAFKA_BOOTSTRAP")
+    if bootstrap:
+        yield kafka_url(f"kafka://{bootstrap}")
+        return
+    path = Path(__file__).resolve().parents[1] / "scripts" / "kafka_broker.py"
+    spec = importlib.util.spec_from_file_location("kafka_broker", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kafka_broker"] = module
+    spec.loader.exec_module(module)
+    with module.LocalBroker.start() as broker:
+        yield kafka_url(f"kafka://{broker.bootstrap}")
+
+
+async def main(args: argparse.Namespace, kafka: str | None) -> None:
     results: dict[str, Any] = {}
-    for name, url in [("rabbitmq", args.broker), ("kafka", args.kafka)]:
+    brokers = [("rabbitmq", args.broker), ("kafka", kafka)]
+    for name, url in brokers:
         if url:
             results[name] = await throughput(url, args.messages, args.batch)
-    results["latency_rabbitmq_500_msg_s"] = await latency(args.broker, 500, 5)
+    for name, url in brokers:
+        if url:
+            results[f"latency_{name}_500_msg_s"] = await latency(url, 500, 5)
     sql = await consumer_cpu(args.broker, 5000, sql=True)
     mem = await consumer_cpu(args.broker, 5000, sql=False)
     results["consumer_cpu_us_per_msg"] = {"sql_inbox": sql, "memory_store": mem, "ratio": sql / mem}
@@ -255,4 +320,15 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    import logging
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument("--broker", default="amqp://guest:guest@127.0.0.1:5672/")
+    parser.add_argument("--kafka", default=None, help="kafka://host:port (default: see the docstring)")
+    parser.add_argument("--no-kafka", action="store_true", help="measure RabbitMQ only")
+    arguments = parser.parse_args()
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    with kafka_broker(arguments.kafka, not arguments.no_kafka) as kafka_url_:
+        asyncio.run(main(arguments, kafka_url_))

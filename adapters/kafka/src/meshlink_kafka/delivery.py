@@ -85,9 +85,11 @@ class Item:
 def message_of(record: Any) -> Message:
     """Rebuild the envelope from a consumer record (lenient, see :meth:`Message.from_headers`)."""
     key = record.key
+    value = record.value
+    # from_headers decodes the bytes values itself (one pass over the headers, not two)
     return Message.from_headers(
-        {k: v.decode("utf-8", errors="replace") for k, v in record.headers},
-        record.value if record.value is not None else b"",
+        dict(record.headers),
+        value if value is not None else b"",
         key=key.decode("utf-8", errors="replace") if key is not None else None,
     )
 

@@ -59,6 +59,11 @@ class Producer:
     def __init__(self, settings: KafkaSettings) -> None:
         self._settings = settings
         self._producer: AIOKafkaProducer | None = None
+        # Hands records to the client one caller at a time. When a partition's batch is
+        # full, aiokafka makes every sender wait for it to drain; a thousand concurrent
+        # publishes would all wake, retry and wait again (a timer each). In line, one
+        # waits and the others queue behind it, as a sequential sender would.
+        self._enqueue = asyncio.Lock()
 
     async def start(self) -> None:
         """Connect (raises aiokafka errors when the cluster is unreachable)."""
@@ -91,7 +96,10 @@ class Producer:
         producer = self._live(record)
         try:
             async with asyncio.timeout(self._settings.publish_timeout):
-                fut = await producer.send(record.topic, record.value, key=record.key, headers=record.headers)
+                async with self._enqueue:
+                    fut = await producer.send(
+                        record.topic, record.value, key=record.key, headers=record.headers
+                    )
                 await fut
         except BaseException as exc:
             raise _translate(exc, record) from exc
@@ -102,16 +110,17 @@ class Producer:
         futures: list[tuple[int, asyncio.Future[object]]] = []
         try:
             async with asyncio.timeout(self._settings.publish_timeout):
-                for i, record in enumerate(records):
-                    producer = self._live(record)
-                    try:
-                        fut = await producer.send(
-                            record.topic, record.value, key=record.key, headers=record.headers
-                        )
-                    except KafkaError as exc:
-                        results[i] = _translate(exc, record)
-                        continue
-                    futures.append((i, fut))
+                async with self._enqueue:
+                    for i, record in enumerate(records):
+                        producer = self._live(record)
+                        try:
+                            fut = await producer.send(
+                                record.topic, record.value, key=record.key, headers=record.headers
+                            )
+                        except KafkaError as exc:
+                            results[i] = _translate(exc, record)
+                            continue
+                        futures.append((i, fut))
                 outcomes = await asyncio.gather(*(f for _, f in futures), return_exceptions=True)
                 for (i, _), outcome in zip(futures, outcomes, strict=True):
                     if isinstance(outcome, BaseException):
