@@ -45,3 +45,9 @@ def test_check_knows_the_brokers_limits() -> None:
     assert result.exit_code == 1
     assert "quorum delivery-limit 5 is below the attempt budget of 12" in result.output
     assert "beyond the broker's consumer_timeout=1800s" in result.output
+
+
+def test_check_knows_kafkas_poll_interval() -> None:
+    result = runner.invoke(app, ["check", "apps.checked:kafka"])
+    assert result.exit_code == 1
+    assert "beyond the broker's max_poll_interval_ms=300s" in result.output

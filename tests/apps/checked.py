@@ -32,3 +32,11 @@ rabbit = Mesh(
 @rabbit.handler("orders.placed", options={"delivery_limit": 5}, timeout="20m")
 async def ship(event: dict[str, str]) -> None:
     pass
+
+
+kafka = Mesh("kafka://127.0.0.1:9", service="billing")
+
+
+@kafka.handler("orders.placed", timeout="4m", retry=Retry(attempts=2))
+async def invoice(event: dict[str, str]) -> None:
+    pass

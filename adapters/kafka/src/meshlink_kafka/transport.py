@@ -128,6 +128,12 @@ class KafkaTransport(Transport):
         except KafkaError as exc:
             raise TransportError(f"cannot declare: {exc!r}", destination=destination, group=group) from exc
 
+    @property
+    def delivery_deadline(self) -> tuple[float, str]:
+        """How long a handler may hold a message: past ``max_poll_interval_ms`` a rebalance
+        may hand its partition to another member, which processes the message again."""
+        return self.settings.max_poll_interval_ms / 1000, "max_poll_interval_ms"
+
     def explain(self) -> list[dict[str, Any]]:
         """The topics this transport has used and the groups it consumes."""
         out: list[dict[str, Any]] = [
