@@ -9,7 +9,7 @@ import pytest
 from pydantic import BaseModel
 
 from meshlink import ConfigurationError, Context, FakeClock, Mesh, Retry
-from meshlink.saga import Command, MemorySagaStore, Saga, SagaCoordinator, SagaStatus
+from meshlink.saga import Command, MemorySagaStore, Saga, SagaCoordinator, SagaInstance, SagaStatus
 
 
 class Order(BaseModel):
@@ -308,3 +308,25 @@ def test_a_saga_renders_as_mermaid() -> None:
     assert text.startswith("flowchart LR")
     assert 's1["reserve<br/><small>remote, 30s</small>"]' in text
     assert "s1c --> s0c" in text
+
+
+async def test_a_saga_left_mid_transition_by_a_dead_replica_is_taken_over(
+    memory_url: str, fake_clock: FakeClock
+) -> None:
+    async with World(memory_url, fake_clock, checkout()) as w:
+        # a replica saved "reserve succeeded" and died before sending the payment command
+        stranded = SagaInstance(
+            saga_id="stranded",
+            name="checkout",
+            definition_version=1,
+            status=SagaStatus.RUNNING,
+            state=Order(order_id="o8", amount=10, reservation="r-o8").model_dump(mode="json"),
+            step=2,
+            completed=(0, 1),
+            created_at=fake_clock.time(),
+            updated_at=fake_clock.time(),
+        )
+        await w.store.save(stranded)
+        await w.finished("stranded")  # the live coordinator's sweep notices it and moves it on
+        assert w.charges == ["o8"]
+        assert (await w.events("stranded"))[-1] == ("", "completed")

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import inspect
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import structlog
@@ -51,7 +51,9 @@ class SagaCoordinator:
         mesh: the mesh the coordinator consumes replies on and sends commands with.
         sagas: the definitions it coordinates (validated here).
         store: where instances are kept (default: in memory).
-        poll: how often (mesh clock seconds) to look for timed-out steps.
+        poll: how often (mesh clock seconds) to look for timed-out steps and stalled sagas.
+        stalled_after: a saga mid-transition and unsaved this long is taken over
+            (its coordinator died); default ``20 * poll``.
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class SagaCoordinator:
         *,
         store: SagaStore | None = None,
         poll: float = 0.5,
+        stalled_after: float | None = None,
     ) -> None:
         self.mesh = mesh
         self.sagas: dict[str, Saga[Any]] = {}
@@ -75,6 +78,7 @@ class SagaCoordinator:
             store.publish = self._send
         self.store = store
         self.poll = poll
+        self.stalled_after = stalled_after if stalled_after is not None else 20 * poll
         self._locks: dict[str, asyncio.Lock] = {}
         self._timer: asyncio.Task[None] | None = None
         for saga in self.sagas.values():
@@ -212,19 +216,50 @@ class SagaCoordinator:
             detail = f"{message.type} is neither success nor failure of {current.name}"
             await self._save(inst.log(self._now(), step_name, "ignored-reply", detail=detail))
 
-    async def _check_timeouts(self) -> None:
+    async def _sweep(self, *, stalled_after: float) -> None:
+        """Time out overdue steps, and move on sagas nobody is moving.
+
+        A saga that is running (not waiting) or compensating, and was last saved more
+        than ``stalled_after`` seconds ago, was left mid-transition by a coordinator
+        that died: any coordinator picks it up, so a crashed replica never strands a
+        saga while the others run. Everything is reloaded under the saga's lock and
+        saved under the version check, so a race with a live coordinator is harmless.
+        """
         now = self._now()
         for inst in await self.store.unfinished():
-            if inst.waiting and inst.due_at is not None and inst.due_at <= now:
+            overdue = inst.waiting and inst.due_at is not None and inst.due_at <= now
+            stalled = not inst.waiting and now - inst.updated_at >= stalled_after
+            if overdue or stalled:
                 async with self._lock(inst.saga_id):
-                    with contextlib.suppress(StaleSagaError):  # it moved meanwhile: nothing to time out
-                        fresh = await self.store.load(inst.saga_id)
-                        if fresh is None or not fresh.waiting or fresh.token != inst.token:
-                            continue
-                        saga = self.sagas[fresh.name]
-                        step = saga.steps[fresh.step]
-                        fresh = fresh.evolve(waiting=False, due_at=None)
-                        await self._compensate(saga, fresh.log(now, step.name, "timed-out"))
+                    await self._retry_stale(inst.saga_id, lambda fresh: self._move_on(fresh, now))
+
+    async def _move_on(self, inst: SagaInstance, now: float) -> None:
+        saga = self.sagas.get(inst.name)
+        if saga is None:
+            _log.error("unfinished saga of an unknown definition", saga_id=inst.saga_id, name=inst.name)
+            return
+        if inst.waiting:
+            if inst.due_at is not None and inst.due_at <= now:
+                step = saga.steps[inst.step]
+                timed_out = inst.evolve(waiting=False, due_at=None).log(now, step.name, "timed-out")
+                await self._compensate(saga, timed_out)
+        elif inst.status is SagaStatus.COMPENSATING:
+            await self._compensate(saga, inst)
+        elif inst.status is SagaStatus.RUNNING:
+            await self._advance(saga, inst)
+
+    async def _retry_stale(self, saga_id: str, work: Callable[[SagaInstance], Awaitable[None]]) -> None:
+        """Load the saga and run ``work`` on it; on a version race, reload and run it again."""
+        for _ in range(_STALE_RETRIES):
+            fresh = await self.store.load(saga_id)
+            if fresh is None or fresh.status.finished:
+                return
+            try:
+                await work(fresh)
+                return
+            except StaleSagaError:
+                continue
+        _log.warning("saga kept changing; left for the next sweep", saga_id=saga_id)
 
     # -- compensation ----------------------------------------------------------------------------
 
@@ -325,27 +360,17 @@ class SagaCoordinator:
         return lock
 
     async def _resume(self) -> None:
-        """On start: continue every unfinished saga and arm the timeout watch."""
-        for inst in await self.store.unfinished():
-            saga = self.sagas.get(inst.name)
-            if saga is None:
-                _log.error("unfinished saga of an unknown definition", saga_id=inst.saga_id, name=inst.name)
-                continue
-            async with self._lock(inst.saga_id):
-                with contextlib.suppress(StaleSagaError):
-                    if inst.status is SagaStatus.COMPENSATING:
-                        await self._compensate(saga, inst)
-                    elif not inst.waiting:
-                        await self._advance(saga, inst)
-        self._timer = asyncio.get_running_loop().create_task(self._watch_timeouts())
+        """On start: move on every unfinished saga (whatever stopped it), then watch."""
+        await self._sweep(stalled_after=0.0)
+        self._timer = asyncio.get_running_loop().create_task(self._watch())
 
-    async def _watch_timeouts(self) -> None:
+    async def _watch(self) -> None:
         while True:
             await self.mesh.clock.sleep(self.poll)
             try:
-                await self._check_timeouts()
+                await self._sweep(stalled_after=self.stalled_after)
             except Exception:
-                _log.exception("timeout check failed; will try again")
+                _log.exception("saga sweep failed; will try again")
 
     async def _halt(self) -> None:
         if self._timer is not None:

@@ -168,8 +168,9 @@ async def test_a_relay_killed_mid_batch_loses_nothing_and_the_inbox_applies_each
                     if line.startswith("PUBLISHED"):
                         in_flight = int(line.split()[1])
                         break
-                os.kill(child.pid, signal.SIGKILL)  # confirmed by the broker, never marked sent
             finally:
+                if child.returncode is None:  # at the fault point (or on a failure): never leave it running
+                    os.kill(child.pid, signal.SIGKILL)  # confirmed by the broker, never marked sent
                 await child.wait()
             relay = Relay(stores.outbox, mesh.transport, lease="1s", poll_interval="200ms")
             await relay.start()
