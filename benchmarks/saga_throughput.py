@@ -1,6 +1,7 @@
 """Sagas per second: a three-step checkout saga with three participant services.
 
-    python benchmarks/saga_throughput.py [N]          (MESHLINK_URL selects the broker)
+    python benchmarks/saga_throughput.py [N]
+        (MESHLINK_URL selects the broker, MESHLINK_SAGA_STORE the database; SQLite by default)
 
 Prints sagas/s and CPU ms per saga (coordinator and participants in this one
 process, so the CPU figure is the whole system's).
@@ -14,7 +15,6 @@ import importlib
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
 
@@ -22,12 +22,11 @@ from meshlink.logs import configure
 from meshlink.saga import SagaStatus, SagaStepChanged
 
 
-async def run(n: int, store: Any | None) -> None:
+async def run(n: int) -> None:
     example = importlib.import_module("03_checkout_saga")
     for handler in (example.reserve, example.release, example.charge, example.refund, example.schedule):
         handler.__globals__["print"] = lambda *a, **k: None  # silence the example's narration
-    if store is not None:
-        example.coordinator.store = store
+    await example.stores.init()
     finished = 0
     done = asyncio.Event()
 
@@ -53,7 +52,9 @@ async def run(n: int, store: Any | None) -> None:
         for mesh in reversed(services):
             await mesh.stop()
     statuses = [i.status for i in await example.coordinator.store.find(limit=n)]
+    store = example.stores.engine.url.render_as_string(hide_password=True)
     print(f"{n} checkout sagas (3 remote steps, 10% compensated) on {example.orders.transport.describe()}")
+    print(f"  saga state and commands in {store} (outbox + relay)")
     print(f"  {n / wall:,.0f} sagas/s   {cpu / n * 1e3:.2f} CPU ms/saga")
     completed, compensated = statuses.count(SagaStatus.COMPLETED), statuses.count(SagaStatus.COMPENSATED)
     print(f"  completed {completed}, compensated {compensated}")
@@ -64,7 +65,7 @@ def main() -> None:
     parser.add_argument("n", nargs="?", type=int, default=2000)
     args = parser.parse_args()
     configure("CRITICAL")
-    asyncio.run(run(args.n, None))
+    asyncio.run(run(args.n))
 
 
 if __name__ == "__main__":

@@ -4,21 +4,30 @@ The orders service coordinates; each participant is its own Mesh (its own
 service) and only answers commands with `ctx.reply(...)`. Payment declines
 orders over 100, so those sagas compensate: the stock reservation is released.
 
-Runs on memory:// by default; set MESHLINK_URL to run the same services on a broker.
+Runs on memory:// with the saga state in SQLite by default. The coordinator writes each
+saga's state and the commands it sends in one SQLite transaction (the outbox); a relay
+in the orders service publishes them. Set MESHLINK_URL (a broker) and MESHLINK_SAGA_STORE
+(e.g. postgresql+asyncpg://postgres@127.0.0.1/test) to run the same services elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 
 from pydantic import BaseModel
 
 from meshlink import Context, Mesh
 from meshlink.logs import configure
+from meshlink.outbox import Relay
 from meshlink.saga import Command, Saga, SagaCoordinator, SagaInstance, SagaStatus, SagaStepChanged
+from meshlink_sqlalchemy import SqlSagaInstanceStore, SqlStores
 
 URL = os.environ.get("MESHLINK_URL", "memory://checkout")
+STORE = os.environ.get(
+    "MESHLINK_SAGA_STORE", f"sqlite+aiosqlite:///{tempfile.gettempdir()}/meshlink-checkout-{os.getpid()}.db"
+)
 
 
 # -- messages ---------------------------------------------------------------------------------
@@ -99,8 +108,10 @@ checkout.remote(
 
 # -- the services -----------------------------------------------------------------------------
 
+stores = SqlStores(STORE)
 orders = Mesh(URL, service="orders")
-coordinator = SagaCoordinator(orders, [checkout])
+coordinator = SagaCoordinator(orders, [checkout], store=SqlSagaInstanceStore(stores))
+Relay(stores.outbox, poll_interval="20ms").attach(orders)  # publishes what the coordinator wrote
 
 inventory = Mesh(URL, service="inventory")
 payment = Mesh(URL, service="payment")
@@ -113,9 +124,15 @@ async def reserve(cmd: ReserveStock, ctx: Context) -> None:
     await ctx.reply(StockReserved(reservation=f"R-{cmd.order_id}"))
 
 
+released: list[str] = []
+progress = asyncio.Event()  # set whenever a saga is saved or stock is released
+
+
 @inventory.handler("inventory.release")
 async def release(cmd: ReleaseStock) -> None:
     print(f"  inventory  released stock for {cmd.order_id} (compensation)")
+    released.append(cmd.order_id)
+    progress.set()
 
 
 @payment.handler("payment.charge")
@@ -141,8 +158,8 @@ async def schedule(cmd: ScheduleShipment, ctx: Context) -> None:
 
 async def main() -> None:
     configure("CRITICAL")
-    finished = asyncio.Event()
-    orders.add_listener(lambda e: finished.set() if isinstance(e, SagaStepChanged) else None)
+    orders.add_listener(lambda e: progress.set() if isinstance(e, SagaStepChanged) else None)
+    await stores.init()
     services = [inventory, payment, shipping, orders]
     for mesh in services:
         await mesh.start()
@@ -153,10 +170,12 @@ async def main() -> None:
             ids[order_id] = await coordinator.start(checkout, Order(order_id=order_id, amount=amount))
         async with asyncio.timeout(30):
             while True:
-                finished.clear()  # before looking, so a save while we look still wakes us
-                if all(i.status.finished for i in await instances(ids)):
-                    break
-                await finished.wait()
+                progress.clear()  # before looking, so a change while we look still wakes us
+                sagas = await instances(ids)
+                compensated = sum(i.status is SagaStatus.COMPENSATED for i in sagas)
+                if all(i.status.finished for i in sagas) and len(released) == compensated:
+                    break  # every saga is done and every compensation has reached inventory
+                await progress.wait()
         print()
         completed = 0
         for order_id, inst in zip(ids, await instances(ids), strict=True):
@@ -167,6 +186,7 @@ async def main() -> None:
     finally:
         for mesh in reversed(services):
             await mesh.stop()
+        await stores.close()
 
 
 async def instances(ids: dict[str, str]) -> list[SagaInstance]:

@@ -325,6 +325,7 @@ async def test_a_saga_left_mid_transition_by_a_dead_replica_is_taken_over(
             completed=(0, 1),
             created_at=fake_clock.time(),
             updated_at=fake_clock.time(),
+            wake_at=fake_clock.time() + w.coordinator.stalled_after,  # as the dead replica saved it
         )
         await w.store.save(stranded)
         await w.finished("stranded")  # the live coordinator's sweep notices it and moves it on

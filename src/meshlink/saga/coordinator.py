@@ -216,24 +216,26 @@ class SagaCoordinator:
             detail = f"{message.type} is neither success nor failure of {current.name}"
             await self._save(inst.log(self._now(), step_name, "ignored-reply", detail=detail))
 
-    async def _sweep(self, *, stalled_after: float) -> None:
+    async def _sweep(self, *, everything: bool = False) -> None:
         """Time out overdue steps, and move on sagas nobody is moving.
 
-        A saga that is running (not waiting) or compensating, and was last saved more
-        than ``stalled_after`` seconds ago, was left mid-transition by a coordinator
-        that died: any coordinator picks it up, so a crashed replica never strands a
-        saga while the others run. Everything is reloaded under the saga's lock and
-        saved under the version check, so a race with a live coordinator is harmless.
+        Each save sets the instance's ``wake_at``: its reply deadline while it waits,
+        else ``stalled_after`` from now — a saga still running unsaved by then was left
+        mid-transition by a coordinator that died, and any coordinator picks it up, so
+        a crashed replica never strands a saga while the others run. The store answers
+        "which are due" from an index; ``everything`` (at start) looks at every
+        unfinished saga. All is reloaded under the saga's lock and saved under the
+        version check, so a race with a live coordinator is harmless.
         """
         now = self._now()
-        for inst in await self.store.unfinished():
-            overdue = inst.waiting and inst.due_at is not None and inst.due_at <= now
-            stalled = not inst.waiting and now - inst.updated_at >= stalled_after
-            if overdue or stalled:
-                async with self._lock(inst.saga_id):
-                    await self._retry_stale(inst.saga_id, lambda fresh: self._move_on(fresh, now))
+        found = await (self.store.unfinished() if everything else self.store.due(now))
+        for inst in found:
+            async with self._lock(inst.saga_id):
+                await self._retry_stale(inst.saga_id, lambda fresh: self._move_on(fresh, now, everything))
 
-    async def _move_on(self, inst: SagaInstance, now: float) -> None:
+    async def _move_on(self, inst: SagaInstance, now: float, everything: bool) -> None:
+        if not everything and inst.wake_at is not None and inst.wake_at > now:
+            return  # someone saved it since the sweep looked: it is moving
         saga = self.sagas.get(inst.name)
         if saga is None:
             _log.error("unfinished saga of an unknown definition", saga_id=inst.saga_id, name=inst.name)
@@ -333,7 +335,14 @@ class SagaCoordinator:
         await self.mesh.publish(destination, message)
 
     async def _save(self, inst: SagaInstance, outgoing: Sequence[Outgoing] = ()) -> SagaInstance:
-        saved = await self.store.save(inst.evolve(updated_at=self._now()), outgoing)
+        now = self._now()
+        if inst.status.finished:
+            wake_at = None
+        elif inst.waiting and inst.due_at is not None:
+            wake_at = inst.due_at
+        else:
+            wake_at = now + self.stalled_after  # only if nobody moves it on before then
+        saved = await self.store.save(inst.evolve(updated_at=now, wake_at=wake_at), outgoing)
         last = saved.history[-1] if saved.history else None
         self.mesh.emit(
             SagaStepChanged(
@@ -361,14 +370,14 @@ class SagaCoordinator:
 
     async def _resume(self) -> None:
         """On start: move on every unfinished saga (whatever stopped it), then watch."""
-        await self._sweep(stalled_after=0.0)
+        await self._sweep(everything=True)
         self._timer = asyncio.get_running_loop().create_task(self._watch())
 
     async def _watch(self) -> None:
         while True:
             await self.mesh.clock.sleep(self.poll)
             try:
-                await self._sweep(stalled_after=self.stalled_after)
+                await self._sweep()
             except Exception:
                 _log.exception("saga sweep failed; will try again")
 

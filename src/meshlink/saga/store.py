@@ -78,6 +78,8 @@ class SagaInstance:
     """Identifies the awaited reply (a late reply to an earlier try is ignored)."""
     due_at: float | None = None
     """Wall time the awaited reply times out."""
+    wake_at: float | None = None
+    """When the coordinators' sweep must look at it (a timeout, or a stall); ``None`` when finished."""
     completed: tuple[int, ...] = ()
     """Indexes of the steps that succeeded, in order (compensated in reverse)."""
     history: tuple[HistoryEntry, ...] = ()
@@ -127,6 +129,10 @@ class SagaStore(Protocol):
         """Every instance still running or compensating (to resume after a restart)."""
         ...
 
+    async def due(self, now: float, limit: int = 1000) -> builtins.list[SagaInstance]:
+        """Unfinished instances whose ``wake_at`` has come (an indexed query on SQL)."""
+        ...
+
 
 @dataclass
 class MemorySagaStore:
@@ -159,3 +165,11 @@ class MemorySagaStore:
 
     async def unfinished(self) -> builtins.list[SagaInstance]:
         return [i for i in self.instances.values() if not i.status.finished]
+
+    async def due(self, now: float, limit: int = 1000) -> builtins.list[SagaInstance]:
+        found = [
+            i
+            for i in self.instances.values()
+            if not i.status.finished and i.wake_at is not None and i.wake_at <= now
+        ]
+        return sorted(found, key=lambda i: i.wake_at or 0.0)[:limit]

@@ -73,7 +73,14 @@ class SqlSagaStore:
             return await work(conn)
 
     async def create(
-        self, saga_id: str, name: str, state: str, data: Mapping[str, Any], *, session: Any = None
+        self,
+        saga_id: str,
+        name: str,
+        state: str,
+        data: Mapping[str, Any],
+        *,
+        wake_at: float | None = None,
+        session: Any = None,
     ) -> SagaState:
         """Store a new saga at version 1 (a duplicate ``saga_id`` raises the database's integrity error)."""
         now = self.clock.time()
@@ -97,6 +104,7 @@ class SqlSagaStore:
                     version=1,
                     created_at=now,
                     updated_at=now,
+                    wake_at=wake_at,
                 )
             )
             await self._history(conn, saga, "created")
@@ -111,6 +119,7 @@ class SqlSagaStore:
         state: str,
         data: Mapping[str, Any] | None = None,
         event: str,
+        wake_at: float | None = None,
         session: Any = None,
     ) -> SagaState:
         """Move ``saga`` (as read) to ``state``; raises :class:`StaleSagaError` if it changed meanwhile."""
@@ -130,7 +139,13 @@ class SqlSagaStore:
             result = await conn.execute(
                 sql_update(t)
                 .where(t.c.saga_id == saga.saga_id, t.c.version == saga.version)
-                .values(state=state, data=json.dumps(new.data), version=new.version, updated_at=now)
+                .values(
+                    state=state,
+                    data=json.dumps(new.data),
+                    version=new.version,
+                    updated_at=now,
+                    wake_at=wake_at,
+                )
             )
             if result.rowcount != 1:
                 raise StaleSagaError(
@@ -173,6 +188,13 @@ class SqlSagaStore:
             query = query.where(t.c.name == name)
         if state is not None:
             query = query.where(t.c.state == state)
+        async with self.engine.connect() as conn:
+            return [_state(r) for r in await conn.execute(query)]
+
+    async def due(self, now: float, *, limit: int = 1000) -> list[SagaState]:
+        """Sagas whose ``wake_at`` has come, earliest first (served by an index)."""
+        t = self.tables.saga
+        query = select(t).where(t.c.wake_at <= now).order_by(t.c.wake_at).limit(limit)
         async with self.engine.connect() as conn:
             return [_state(r) for r in await conn.execute(query)]
 

@@ -45,7 +45,12 @@ class SqlSagaInstanceStore:
             async with self.stores.engine.begin() as conn:
                 if instance.version == 0:
                     row = await sagas.create(
-                        instance.saga_id, instance.name, instance.status.value, data, session=conn
+                        instance.saga_id,
+                        instance.name,
+                        instance.status.value,
+                        data,
+                        wake_at=instance.wake_at,
+                        session=conn,
                     )
                 else:
                     current = SagaState(
@@ -58,7 +63,12 @@ class SqlSagaInstanceStore:
                         updated_at=instance.updated_at,
                     )
                     row = await sagas.update(
-                        current, state=instance.status.value, data=data, event=event, session=conn
+                        current,
+                        state=instance.status.value,
+                        data=data,
+                        event=event,
+                        wake_at=instance.wake_at,
+                        session=conn,
                     )
                 for destination, message in outgoing:
                     await self.outbox.add(conn, destination, message)
@@ -73,6 +83,9 @@ class SqlSagaInstanceStore:
     async def find(self, status: SagaStatus | None = None, limit: int = 100) -> builtins.list[SagaInstance]:
         rows = await self.stores.sagas.find(state=status.value if status else None, limit=limit)
         return [_instance(r) for r in rows]
+
+    async def due(self, now: float, limit: int = 1000) -> builtins.list[SagaInstance]:
+        return [_instance(r) for r in await self.stores.sagas.due(now, limit=limit)]
 
     async def unfinished(self) -> builtins.list[SagaInstance]:
         found: list[SagaInstance] = []
@@ -89,6 +102,7 @@ def _dump(instance: SagaInstance) -> dict[str, Any]:
         "waiting": instance.waiting,
         "token": instance.token,
         "due_at": instance.due_at,
+        "wake_at": instance.wake_at,
         "completed": list(instance.completed),
         "history": [
             {"at": h.at, "step": h.step, "event": h.event, "attempt": h.attempt, "detail": h.detail}
@@ -109,6 +123,7 @@ def _instance(row: SagaState) -> SagaInstance:
         waiting=bool(d["waiting"]),
         token=str(d["token"]),
         due_at=d["due_at"],
+        wake_at=d.get("wake_at"),
         completed=tuple(d["completed"]),
         history=tuple(HistoryEntry(**h) for h in d["history"]),
         version=row.version,

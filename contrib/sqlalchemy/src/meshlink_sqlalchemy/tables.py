@@ -129,7 +129,9 @@ def build_tables(prefix: str = DEFAULT_PREFIX, *, schema: str | None = None) -> 
         Column("version", Integer, nullable=False),
         Column("created_at", Double, nullable=False),
         Column("updated_at", Double, nullable=False),
+        Column("wake_at", Double, nullable=True),  # when a coordinator's sweep must look at it
         Index(f"ix_{p}saga_name_state", "name", "state"),
+        Index(f"ix_{p}saga_wake", "wake_at"),
     )
     history = Table(
         f"{p}saga_history",
