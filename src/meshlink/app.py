@@ -11,13 +11,13 @@ from typing import Any, TypeVar
 import structlog
 
 from meshlink.clock import Clock, SystemClock
-from meshlink.codec import encode, type_name
+from meshlink.codec import envelope
 from meshlink.dispatch import Dispatcher
-from meshlink.errors import ConfigurationError, EncodeError, TransportClosedError
+from meshlink.errors import ConfigurationError, TransportClosedError
 from meshlink.events import Event, Listener, MeshDraining, MessagePublished
 from meshlink.handler import HandlerSpec, UserHandler, inspect_handler
 from meshlink.logs import redact_url
-from meshlink.message import RESERVED_HEADERS, Message
+from meshlink.message import Message
 from meshlink.pipeline import Middleware
 from meshlink.resilience.breaker import Breaker, CircuitBreaker
 from meshlink.resilience.bulkhead import Bulkhead
@@ -253,24 +253,13 @@ class Mesh:
         causation_id: str | None = None,
     ) -> Message:
         """Build the envelope :meth:`publish` would send (useful for outboxes and tests)."""
-        if isinstance(payload, Message):
-            return payload
-        if headers:
-            reserved = RESERVED_HEADERS.intersection(headers)
-            if reserved or any(h.startswith("x-meshlink-") for h in headers):
-                raise EncodeError(
-                    f"headers {sorted(reserved) or 'x-meshlink-*'} are envelope fields; "
-                    "use the keyword arguments of publish() instead"
-                )
-        body, content_type = encode(payload)
-        return Message(
-            body=body,
-            content_type=content_type,
-            type=type if type is not None else type_name(payload),
+        return envelope(
+            payload,
             source=self.service,
             key=key,
-            headers=dict(headers or {}),
-            idempotency_key=idempotency_key or "",
+            headers=headers,
+            type=type,
+            idempotency_key=idempotency_key,
             correlation_id=correlation_id,
             causation_id=causation_id,
         )

@@ -11,7 +11,7 @@ which is never retried.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any, TypeVar
 
@@ -19,8 +19,9 @@ import pydantic
 import pydantic_core
 
 from meshlink.errors import DecodeError, EncodeError
+from meshlink.message import FAILURE_PREFIX, RESERVED_HEADERS, Message
 
-__all__ = ["BINARY", "JSON", "Decoder", "decoder_for", "encode", "type_name"]
+__all__ = ["BINARY", "JSON", "Decoder", "decoder_for", "encode", "envelope", "type_name"]
 
 T = TypeVar("T")
 JSON = "application/json"
@@ -37,6 +38,44 @@ def encode(payload: object) -> tuple[bytes, str]:
         return pydantic_core.to_json(payload), JSON
     except pydantic_core.PydanticSerializationError as exc:
         raise EncodeError(f"cannot encode {type(payload).__name__} as JSON: {exc}") from exc
+
+
+def envelope(
+    payload: object,
+    *,
+    source: str,
+    key: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    type: str | None = None,
+    idempotency_key: str | None = None,
+    correlation_id: str | None = None,
+    causation_id: str | None = None,
+) -> Message:
+    """Encode ``payload`` into a new :class:`~meshlink.Message` (a ready one is kept, with ``key``).
+
+    Raises:
+        EncodeError: the payload cannot be encoded, or ``headers`` name envelope fields.
+    """
+    if isinstance(payload, Message):
+        return payload if key is None or payload.key == key else payload.replace(key=key)
+    if headers:
+        bad = RESERVED_HEADERS.intersection(headers) | {h for h in headers if h.startswith(FAILURE_PREFIX)}
+        if bad:
+            raise EncodeError(
+                f"headers {sorted(bad)} are envelope fields; use the keyword arguments of publish() instead"
+            )
+    body, content_type = encode(payload)
+    return Message(
+        body=body,
+        content_type=content_type,
+        type=type if type is not None else type_name(payload),
+        source=source,
+        key=key,
+        headers=dict(headers or {}),
+        idempotency_key=idempotency_key or "",
+        correlation_id=correlation_id,
+        causation_id=causation_id,
+    )
 
 
 def type_name(payload: object) -> str:

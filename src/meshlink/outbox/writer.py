@@ -18,10 +18,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from meshlink.clock import Clock, SystemClock
-from meshlink.codec import encode, type_name
+from meshlink.codec import envelope
 from meshlink.context import Publisher
-from meshlink.errors import ConfigurationError, EncodeError
-from meshlink.message import FAILURE_PREFIX, RESERVED_HEADERS, Message
+from meshlink.errors import ConfigurationError
+from meshlink.message import Message
 from meshlink.outbox.store import OutboxEntry, OutboxStore
 from meshlink.resilience.policy import parse_duration
 
@@ -54,23 +54,13 @@ class Outbox:
         causation_id: str | None = None,
     ) -> Message:
         """Build the envelope for ``payload`` (a ready :class:`~meshlink.Message` is kept, with ``key``)."""
-        if isinstance(payload, Message):
-            return payload if key is None or payload.key == key else payload.replace(key=key)
-        if headers:
-            bad = RESERVED_HEADERS.intersection(headers) or {
-                h for h in headers if h.startswith(FAILURE_PREFIX)
-            }
-            if bad:
-                raise EncodeError(f"headers {sorted(bad)} are envelope fields; use the keyword arguments")
-        body, content_type = encode(payload)
-        return Message(
-            body=body,
-            content_type=content_type,
-            type=type if type is not None else type_name(payload),
+        return envelope(
+            payload,
             source=self.source,
             key=key,
-            headers=dict(headers or {}),
-            idempotency_key=idempotency_key or "",
+            headers=headers,
+            type=type,
+            idempotency_key=idempotency_key,
             correlation_id=correlation_id,
             causation_id=causation_id,
         )
