@@ -8,7 +8,7 @@ import pytest
 import structlog
 from pydantic import BaseModel
 
-from meshlink import ConfigurationError, Context, Mesh, Message, Reject, TransportClosedError
+from meshlink import ConfigurationError, Context, Mesh, Message, Reject, TransportClosedError, plugins
 from meshlink.errors import EncodeError
 from meshlink.pipeline import Handler
 from meshlink.resilience.deadletter import (
@@ -21,7 +21,6 @@ from meshlink.resilience.deadletter import (
 )
 from meshlink.resilience.policy import Retry
 from meshlink.testing import MeshHarness
-from meshlink.transport import registry
 
 
 class OrderPlaced(BaseModel):
@@ -271,7 +270,7 @@ def test_unknown_url_scheme_names_the_setting_and_the_fix(monkeypatch: pytest.Mo
     assert err.value.setting == "url"
     assert "nats" in str(err.value)
     assert "memory" in str(err.value), "lists the installed schemes"
-    monkeypatch.setattr(registry, "_entry_points", lambda: {})
+    monkeypatch.setattr(plugins, "_entry_points", lambda group: {})
     with pytest.raises(ConfigurationError, match="install meshlink-rabbitmq"):
         Mesh("amqps://u:p@host/")
 

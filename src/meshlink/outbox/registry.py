@@ -11,12 +11,9 @@ and returning a :class:`~meshlink.outbox.store.Stores`::
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from importlib.metadata import EntryPoint, entry_points
 from typing import Any
-from urllib.parse import urlsplit
 
-from meshlink.errors import ConfigurationError
+from meshlink import plugins
 from meshlink.outbox.memory import MemoryStores
 from meshlink.outbox.store import Stores
 
@@ -29,15 +26,13 @@ _HINTS = {
     "postgresql": "meshlink-sqlalchemy (and use postgresql+asyncpg://)",
     "sqlite": "meshlink-sqlalchemy (and use sqlite+aiosqlite://)",
 }
-
-
-def _entry_points() -> dict[str, EntryPoint]:
-    return {ep.name: ep for ep in entry_points(group=STORES_ENTRY_POINT_GROUP)}
+# built in, so that core works before any distribution is installed
+_BUILTIN = {"memory": MemoryStores}
 
 
 def available_store_schemes() -> list[str]:
     """The URL schemes of every installed store family, sorted."""
-    return sorted({*_entry_points(), "memory"})
+    return plugins.schemes(STORES_ENTRY_POINT_GROUP, builtin=_BUILTIN)
 
 
 def stores_from_url(url: str, **options: Any) -> Stores:
@@ -46,17 +41,7 @@ def stores_from_url(url: str, **options: Any) -> Stores:
     Raises:
         ConfigurationError: ``url`` has no scheme, or no installed store serves it.
     """
-    scheme = urlsplit(url).scheme
-    if not scheme:
-        raise ConfigurationError("store", "a store URL needs a scheme, e.g. postgresql+asyncpg://")
-    ep = _entry_points().get(scheme)
-    if ep is None:
-        if scheme == "memory":  # built in, so that core works before any distribution is installed
-            return MemoryStores(url, **options)
-        hint = f"; install {_HINTS[scheme]}" if scheme in _HINTS else ""
-        raise ConfigurationError(
-            "store",
-            f"no store for scheme {scheme!r}{hint} (installed: {', '.join(available_store_schemes())})",
-        )
-    factory: Callable[..., Stores] = ep.load()
-    return factory(url, **options)
+    stores: Stores = plugins.from_url(
+        STORES_ENTRY_POINT_GROUP, url, setting="store", hints=_HINTS, builtin=_BUILTIN, **options
+    )
+    return stores

@@ -10,13 +10,9 @@ Core registers ``memory`` the same way, so the discovery path is always exercise
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import cache
-from importlib.metadata import EntryPoint, entry_points
 from typing import Any
-from urllib.parse import urlsplit
 
-from meshlink.errors import ConfigurationError
+from meshlink import plugins
 from meshlink.transport.base import Transport
 
 __all__ = ["ENTRY_POINT_GROUP", "available_schemes", "transport_from_url"]
@@ -31,14 +27,9 @@ _HINTS = {
 }
 
 
-@cache
-def _entry_points() -> dict[str, EntryPoint]:
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
-
-
 def available_schemes() -> list[str]:
     """The URL schemes of every installed transport, sorted."""
-    return sorted(_entry_points())
+    return plugins.schemes(ENTRY_POINT_GROUP)
 
 
 def transport_from_url(url: str, **options: Any) -> Transport:
@@ -47,15 +38,5 @@ def transport_from_url(url: str, **options: Any) -> Transport:
     Raises:
         ConfigurationError: ``url`` has no scheme, or no installed transport serves it.
     """
-    scheme = urlsplit(url).scheme
-    if not scheme:
-        raise ConfigurationError("url", "a broker URL needs a scheme, e.g. memory:// or amqp://")
-    ep = _entry_points().get(scheme)
-    if ep is None:
-        hint = f"; install {_HINTS[scheme]}" if scheme in _HINTS else ""
-        raise ConfigurationError(
-            "url",
-            f"no transport for scheme {scheme!r}{hint} (installed: {', '.join(available_schemes())})",
-        )
-    factory: Callable[..., Transport] = ep.load()
-    return factory(url, **options)
+    transport: Transport = plugins.from_url(ENTRY_POINT_GROUP, url, setting="url", hints=_HINTS, **options)
+    return transport
