@@ -35,12 +35,12 @@ class Coordinator:
     child's event loop) and counts its ``SAVED`` lines: the test's points of progress.
     """
 
-    def __init__(self, store_url: str, ns: str, n: int) -> None:
+    def __init__(self, store_url: str, ns: str, n: int, *, progress: asyncio.Event | None = None) -> None:
         self.args = [sys.executable, str(APP), store_url, RABBIT_URL, ns, str(n)]
         self.proc: asyncio.subprocess.Process | None = None
         self.saves = 0
         self.exited = False
-        self._progress = asyncio.Event()
+        self._progress = progress or asyncio.Event()  # shared by replicas: any one's progress wakes
         self._reader: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -136,12 +136,13 @@ async def test_two_coordinator_processes_share_the_work(store_url: str) -> None:
         async with stores.engine.begin() as conn:
             await conn.run_sync(effects.metadata.create_all)
         partners = participants(RABBIT_URL, stores, ns, effects)
-        replicas = [Coordinator(store_url, ns, n) for _ in range(2)]
+        progress = asyncio.Event()
+        replicas = [Coordinator(store_url, ns, n, progress=progress) for _ in range(2)]
         await partners.start()
         try:
             for replica in replicas:
                 await replica.start()
-            await _until_all_finished(stores, n, replicas[0])
+            await _until_all_finished(stores, n, *replicas)
         finally:
             for replica in replicas:
                 await replica.kill()
@@ -152,17 +153,20 @@ async def test_two_coordinator_processes_share_the_work(store_url: str) -> None:
         await stores.close()
 
 
-async def _until_all_finished(stores: SqlStores, n: int, coordinator: Coordinator) -> None:
-    """Follow the coordinator's progress until all ``n`` sagas exist and none is unfinished."""
+async def _until_all_finished(stores: SqlStores, n: int, *coordinators: Coordinator) -> None:
+    """Follow the coordinators' progress until all ``n`` sagas exist and none is unfinished."""
     saga_store = SqlSagaInstanceStore(stores)
+    progress = coordinators[0]._progress
     unfinished: list[SagaInstance] = []
     try:
         async with asyncio.timeout(600):
             while True:
+                progress.clear()  # before looking: a save while we look still wakes the wait
                 unfinished = await saga_store.unfinished()
                 if len(await saga_store.find(limit=n + 1)) == n and not unfinished:
                     return
-                await coordinator.run_until(1)
+                assert not all(c.exited for c in coordinators), "every coordinator exited on its own"
+                await progress.wait()
     except TimeoutError:
         stuck = [(u.saga_id, u.status.value, u.history[-1].step, u.history[-1].event) for u in unfinished[:5]]
         raise AssertionError(f"{len(unfinished)} sagas unfinished, e.g. {stuck}") from None
