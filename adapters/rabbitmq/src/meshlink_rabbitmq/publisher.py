@@ -156,21 +156,10 @@ class Publisher:
         # owns it. No drain wait (_NO_DRAIN): it would cost a future and a wake-up per
         # publish, and the confirm proves the frame left.
         timeout = self._settings.publish_timeout
-        if not channel.is_closed:
-            underlay = await channel.get_underlay_channel()
-            if not underlay.is_closed:
-                # The usual case: aiormq's own deadline covers the channel lock, the
-                # write and the confirm, which spares a second asyncio.timeout here.
-                await underlay.basic_publish(
-                    body,
-                    exchange=exchange,
-                    routing_key=routing_key,
-                    properties=properties,
-                    mandatory=True,
-                    timeout=timeout,
-                    **_NO_DRAIN,
-                )
-                return
+        # The usual case: aiormq's own deadline covers the channel lock, the write and
+        # the confirm, which spares a second asyncio.timeout here.
+        if await _publish_if_open(channel, exchange, routing_key, body, properties, timeout=timeout):
+            return
         async with asyncio.timeout(timeout):
             await self._send_when_ready(channel, exchange, routing_key, body, properties)
 
@@ -184,21 +173,36 @@ class Publisher:
     ) -> None:
         # A channel found closed has not seen this publish, so waiting for the robust
         # channel to be restored and trying again cannot duplicate it.
-        while True:
-            if not channel.is_closed:
-                underlay = await channel.get_underlay_channel()
-                if not underlay.is_closed:
-                    await underlay.basic_publish(
-                        body,
-                        exchange=exchange,
-                        routing_key=routing_key,
-                        properties=properties,
-                        mandatory=True,
-                        **_NO_DRAIN,
-                    )
-                    return
+        while not await _publish_if_open(channel, exchange, routing_key, body, properties, timeout=None):
             await channel.ready()
             if channel.is_closed:
                 # Restore has not begun yet (the close callback is still pending):
                 # a short pause instead of spinning; the publish deadline bounds it.
                 await asyncio.sleep(0.05)
+
+
+async def _publish_if_open(
+    channel: AbstractRobustChannel,
+    exchange: str,
+    routing_key: str,
+    body: bytes,
+    properties: Basic.Properties,
+    *,
+    timeout: float | None,
+) -> bool:
+    """Publish on the channel's current aiormq channel; ``False`` (nothing sent) if it is closed."""
+    if channel.is_closed:
+        return False
+    underlay = await channel.get_underlay_channel()
+    if underlay.is_closed:
+        return False
+    await underlay.basic_publish(
+        body,
+        exchange=exchange,
+        routing_key=routing_key,
+        properties=properties,
+        mandatory=True,
+        timeout=timeout,
+        **_NO_DRAIN,
+    )
+    return True

@@ -33,6 +33,7 @@ from sqlalchemy import (
     BigInteger,
     Double,
     Select,
+    Table,
     and_,
     any_,
     bindparam,
@@ -131,16 +132,7 @@ class SqlOutboxStore:
             sql_update(t)
             .where(t.c.id.in_(picked))
             .values(claimed_by=relay, lease_until=now + lease)
-            .returning(
-                t.c.id,
-                t.c.destination,
-                t.c.msg_key,
-                t.c.headers,
-                t.c.body,
-                t.c.created_at,
-                t.c.deliver_at,
-                t.c.attempts,
-            )
+            .returning(*_row_columns(t))
         )
 
     async def claim(self, relay: str, *, limit: int, lease: float, now: float) -> list[OutboxRow]:
@@ -259,21 +251,7 @@ class SqlOutboxStore:
 
     async def list_pending(self, *, limit: int = 100) -> list[OutboxRow]:
         t = self._t
-        query = (
-            select(
-                t.c.id,
-                t.c.destination,
-                t.c.msg_key,
-                t.c.headers,
-                t.c.body,
-                t.c.created_at,
-                t.c.deliver_at,
-                t.c.attempts,
-            )
-            .where(t.c.sent_at.is_(None))
-            .order_by(t.c.id)
-            .limit(limit)
-        )
+        query = select(*_row_columns(t)).where(t.c.sent_at.is_(None)).order_by(t.c.id).limit(limit)
 
         async def run() -> list[OutboxRow]:
             async with self._auto.connect() as conn:
@@ -324,3 +302,9 @@ def _row(r: Any) -> OutboxRow:
         deliver_at=r.deliver_at,
         attempts=r.attempts,
     )
+
+
+def _row_columns(t: Table) -> tuple[Any, ...]:
+    """The columns an :class:`OutboxRow` is read from, in its field order."""
+    c = t.c
+    return (c.id, c.destination, c.msg_key, c.headers, c.body, c.created_at, c.deliver_at, c.attempts)
