@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 
 import pytest
@@ -42,6 +43,34 @@ def test_round_trip_through_headers_is_lossless() -> None:
         headers={"a": "1"},
     )
     assert Message.from_headers(m.to_headers(), m.body, key="k") == m
+
+
+def test_round_trip_through_encoded_header_pairs_is_lossless() -> None:
+    """Kafka carries (name, bytes) pairs: header_pairs() and from_headers(pairs) are inverses."""
+    m = Message(
+        body=b"x", type="T", key="k", correlation_id="c", causation_id="z", attempt=3, headers={"a": "1"}
+    )
+    pairs = m.header_pairs()
+    assert all(isinstance(v, bytes) for _, v in pairs)
+    assert dict((k, v.decode()) for k, v in pairs) == m.to_headers()
+    assert Message.from_headers(pairs, m.body, key="k") == m
+
+
+def test_a_repeated_header_counts_by_its_last_value_as_in_a_mapping() -> None:
+    pairs = [("x-a", b"1"), ("ce_type", b"Old"), ("x-a", b"2"), ("ce_type", b"New")]
+    m = Message.from_headers(pairs, b"{}")
+    assert m.type == "New"
+    assert m.headers == {"x-a": "2"}
+
+
+def test_message_ids_are_random_uuid4_and_unique() -> None:
+    ids = {Message(body=b"").id for _ in range(10_000)}
+    assert len(ids) == 10_000
+    for raw in list(ids)[:100]:
+        parsed = uuid.UUID(hex=raw)
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+        assert parsed.hex == raw
 
 
 def test_message_is_immutable() -> None:

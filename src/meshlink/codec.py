@@ -12,18 +12,21 @@ which is never retried.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from functools import lru_cache
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 import pydantic
 import pydantic_core
 
 from meshlink.errors import DecodeError, EncodeError
-from meshlink.message import FAILURE_PREFIX, RESERVED_HEADERS, Message
+from meshlink.message import FAILURE_PREFIX, RESERVED_HEADERS, Message, new_message_id
 
 __all__ = ["BINARY", "JSON", "Decoder", "decoder_for", "encode", "envelope", "type_name"]
 
 T = TypeVar("T")
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 JSON = "application/json"
 BINARY = "application/octet-stream"
 
@@ -65,16 +68,20 @@ def envelope(
                 f"headers {sorted(bad)} are envelope fields; use the keyword arguments of publish() instead"
             )
     body, content_type = encode(payload)
-    return Message(
-        body=body,
-        content_type=content_type,
-        type=type if type is not None else type_name(payload),
-        source=source,
-        key=key,
-        headers=dict(headers or {}),
-        idempotency_key=idempotency_key or "",
-        correlation_id=correlation_id,
-        causation_id=causation_id,
+    msg_id = new_message_id()
+    return Message._trusted(
+        body,
+        type if type is not None else type_name(payload),
+        msg_id,
+        source,
+        datetime.now(UTC),
+        key,
+        content_type,
+        correlation_id,
+        causation_id,
+        idempotency_key or msg_id,
+        1,
+        MappingProxyType(dict(headers)) if headers else _NO_HEADERS,
     )
 
 

@@ -86,9 +86,9 @@ def message_of(record: Any) -> Message:
     """Rebuild the envelope from a consumer record (lenient, see :meth:`Message.from_headers`)."""
     key = record.key
     value = record.value
-    # from_headers decodes the bytes values itself (one pass over the headers, not two)
+    # from_headers takes the record's (name, bytes) pairs as they are: one pass, each decoded once
     return Message.from_headers(
-        dict(record.headers),
+        record.headers,
         value if value is not None else b"",
         key=key.decode("utf-8", errors="replace") if key is not None else None,
     )

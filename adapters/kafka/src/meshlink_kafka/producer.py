@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Mapping, Sequence
+from functools import partial
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError
@@ -41,14 +43,15 @@ class Record:
 
 def record_of(topic: str, message: Message, extra: Mapping[str, str] | None = None) -> Record:
     """The record that carries ``message`` to ``topic``; ``extra`` headers are added."""
-    headers = message.to_headers()
+    headers = message.header_pairs()
     if extra:
-        headers.update(extra)
+        # after the envelope: a repeated name counts by its last value, as in a dict
+        headers += ((k, v.encode()) for k, v in extra.items())
     return Record(
         topic,
         message.key.encode() if message.key is not None else None,
         message.body,
-        [(k, v.encode()) for k, v in headers.items()],
+        headers,
         message.id,
     )
 
@@ -64,6 +67,11 @@ class Producer:
         # publishes would all wake, retry and wait again (a timer each). In line, one
         # waits and the others queue behind it, as a sequential sender would.
         self._enqueue = asyncio.Lock()
+        # Single publishes are coalesced: callers queue their record and one flusher task
+        # hands every queued record to the client in order (under the same lock), instead
+        # of each caller taking the lock in turn (one event-loop round trip per record).
+        self._queued: list[tuple[Record, asyncio.Future[object]]] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Connect (raises aiokafka errors when the cluster is unreachable)."""
@@ -93,16 +101,49 @@ class Producer:
 
     async def send(self, record: Record) -> None:
         """Send one record and wait for ``acks=all``; raise a typed error otherwise."""
-        producer = self._live(record)
+        self._live(record)
+        loop = asyncio.get_running_loop()
+        acked: asyncio.Future[object] = loop.create_future()
+        self._queued.append((record, acked))
+        if self._flusher is None:
+            self._flusher = loop.create_task(self._flush())
         try:
             async with asyncio.timeout(self._settings.publish_timeout):
-                async with self._enqueue:
-                    fut = await producer.send(
-                        record.topic, record.value, key=record.key, headers=record.headers
-                    )
-                await fut
+                await acked
         except BaseException as exc:
+            # still queued: the flusher skips it (a record handed over cannot be recalled)
+            acked.cancel()
             raise _translate(exc, record) from exc
+
+    async def _flush(self) -> None:
+        """Hand every queued record to the client, in order; each caller awaits its own ack."""
+        waiting: deque[tuple[Record, asyncio.Future[object]]] = deque()
+        try:
+            async with self._enqueue:
+                while self._queued:
+                    waiting.extend(self._queued)
+                    self._queued = []
+                    while waiting:
+                        record, acked = waiting[0]
+                        if not acked.done():  # else its caller gave up before it was handed over
+                            try:
+                                fut = await self._live(record).send(
+                                    record.topic, record.value, key=record.key, headers=record.headers
+                                )
+                            except (KafkaError, PublishError) as exc:
+                                if not acked.done():
+                                    acked.set_exception(exc)
+                            else:
+                                # the broker's answer goes straight to the caller (one wake-up, not two)
+                                fut.add_done_callback(partial(_pass_on, acked))
+                        waiting.popleft()
+        finally:
+            self._flusher = None
+            # records never handed over (this task was cancelled: the transport is closing)
+            for _, acked in (*waiting, *self._queued):
+                if not acked.done():
+                    acked.set_exception(PublishError("kafka producer stopped before sending"))
+            self._queued = []
 
     async def send_many(self, records: Sequence[Record]) -> list[BaseException | None]:
         """Send every record pipelined; return ``None`` or the error for each, in order."""
@@ -133,6 +174,20 @@ class Producer:
                 if results[i] is None and not confirmed:
                     results[i] = _translate(TimeoutError(), record)
         return results
+
+
+def _pass_on(acked: asyncio.Future[object], fut: asyncio.Future[object]) -> None:
+    """Copy the client's delivery outcome to the publisher's future (unless it gave up)."""
+    if acked.done():
+        if not fut.cancelled():
+            fut.exception()  # retrieved: nobody waits for it any more
+        return
+    if fut.cancelled():
+        acked.cancel()
+    elif (exc := fut.exception()) is not None:
+        acked.set_exception(exc)
+    else:
+        acked.set_result(None)
 
 
 def _translate(exc: BaseException, record: Record) -> BaseException:
