@@ -110,8 +110,9 @@ checkout.remote(
 
 stores = SqlStores(STORE)
 orders = Mesh(URL, service="orders")
-coordinator = SagaCoordinator(orders, [checkout], store=SqlSagaInstanceStore(stores))
-Relay(stores.outbox, poll_interval="20ms").attach(orders)  # publishes what the coordinator wrote
+relay = Relay(stores.outbox).attach(orders)  # publishes what the coordinator wrote
+# the store wakes the relay after each commit that wrote commands (no waiting for its poll)
+coordinator = SagaCoordinator(orders, [checkout], store=SqlSagaInstanceStore(stores, wake=relay.wake))
 
 inventory = Mesh(URL, service="inventory")
 payment = Mesh(URL, service="payment")

@@ -331,3 +331,44 @@ async def test_a_saga_left_mid_transition_by_a_dead_replica_is_taken_over(
         await w.finished("stranded")  # the live coordinator's sweep notices it and moves it on
         assert w.charges == ["o8"]
         assert (await w.events("stranded"))[-1] == ("", "completed")
+
+
+async def test_each_reply_moves_a_saga_in_one_save(memory_url: str, fake_clock: FakeClock) -> None:
+    async with World(memory_url, fake_clock, checkout()) as w:
+        sid = await w.coordinator.start("checkout", Order(order_id="o9", amount=10))
+        await w.finished(sid)
+        inst = await w.store.load(sid)
+        assert inst is not None
+        # started (saved before the local step runs); note succeeded + reserve sent;
+        # reserve succeeded + pay sent; pay succeeded + completed
+        assert inst.version == 4
+        assert [e for _, e in await w.events(sid)] == [
+            "started",
+            "succeeded",
+            "sent",
+            "succeeded",
+            "sent",
+            "succeeded",
+            "completed",
+        ]
+
+
+async def test_a_local_compensation_runs_only_once_the_decision_to_compensate_is_saved(
+    memory_url: str, fake_clock: FakeClock
+) -> None:
+    seen: list[tuple[str, str]] = []
+    store = MemorySagaStore()
+
+    async def refund(state: Order) -> Order:
+        saved = store.instances[f"saga-{state.order_id}"]
+        seen.append((saved.status.value, saved.history[-1].event))
+        return state
+
+    async with World(memory_url, fake_clock, checkout(refund=refund), store=store) as w:
+        w.pay_mode = "decline"
+        sid = await w.coordinator.start("checkout", Order(order_id="o10", amount=10), saga_id="saga-o10")
+        await w.finished(sid)
+        assert seen == [("compensating", "failed")], "the refund saw the saved decision"
+        inst = await w.store.load(sid)
+        assert inst is not None
+        assert inst.status is SagaStatus.COMPENSATED

@@ -1,7 +1,7 @@
 """The saga coordinator: starts sagas, advances them on replies, compensates, resumes.
 
-Every transition is one :meth:`SagaStore.save` of the new instance *with* the
-commands it sends, under an optimistic version check. So:
+Every transition is one save of the new instance *with* the commands it sends,
+under an optimistic version check. So:
 
 * a crash at any point resumes from the last saved instance (on start the
   coordinator picks up every unfinished saga and re-arms its timeouts: they are a
@@ -14,13 +14,23 @@ Replies are correlated by the ``saga-id``, ``saga-step`` and ``saga-token``
 headers that participants echo back through :meth:`meshlink.Context.reply`; a
 reply that does not match what the saga waits for (late, duplicate, unknown) is
 recorded in the history and otherwise ignored.
+
+A transition saves once, however many history entries it adds: a reply's
+"succeeded" goes with the next step's command (or "completed"), a failure goes
+with the compensation commands it causes. It saves *before* calling a local
+action or a local compensation, so a side effect never runs on a decision that
+was not saved. Saves of many sagas ready at once share one transaction
+(:class:`~meshlink.saga.commit.GroupCommit`), each under its own version check.
+The coordinator remembers the instances it saved last and applies a reply to
+that copy without reading it again; a stale copy fails the version check, is
+dropped, and the saga is reloaded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
+import functools
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -29,19 +39,20 @@ import structlog
 from pydantic import BaseModel
 
 from meshlink.app import Mesh
-from meshlink.errors import ConfigurationError, is_retryable
-from meshlink.message import REPLY_ECHO, REPLY_TO, Message
-from meshlink.saga.definition import Command, LocalStep, RemoteStep, Saga
+from meshlink.errors import ConfigurationError
+from meshlink.message import Message
+from meshlink.saga.commit import GroupCommit
+from meshlink.saga.definition import Command, RemoteStep, Saga
 from meshlink.saga.events import SagaStepChanged
+from meshlink.saga.locks import KeyedLocks
+from meshlink.saga.steps import H_SAGA_ID, H_SAGA_STEP, H_SAGA_TOKEN, command_message, run_local, run_undo
 from meshlink.saga.store import MemorySagaStore, Outgoing, SagaInstance, SagaStatus, SagaStore, StaleSagaError
 
 __all__ = ["H_SAGA_ID", "H_SAGA_STEP", "H_SAGA_TOKEN", "SagaCoordinator"]
 
-H_SAGA_ID = "saga-id"
-H_SAGA_STEP = "saga-step"
-H_SAGA_TOKEN = "saga-token"
 _log = structlog.get_logger("meshlink.saga")
 _STALE_RETRIES = 10
+_KNOWN_MAX = 10_000  # instances remembered (the most recently saved unfinished ones)
 
 
 class SagaCoordinator:
@@ -54,6 +65,9 @@ class SagaCoordinator:
         poll: how often (mesh clock seconds) to look for timed-out steps and stalled sagas.
         stalled_after: a saga mid-transition and unsaved this long is taken over
             (its coordinator died); default ``20 * poll``.
+        concurrency: most replies handled at once (also the prefetch); the transitions
+            they cause are saved together.
+        max_batch: most transitions saved in one transaction.
     """
 
     def __init__(
@@ -64,6 +78,8 @@ class SagaCoordinator:
         store: SagaStore | None = None,
         poll: float = 0.5,
         stalled_after: float | None = None,
+        concurrency: int = 64,
+        max_batch: int = 256,
     ) -> None:
         self.mesh = mesh
         self.sagas: dict[str, Saga[Any]] = {}
@@ -79,11 +95,16 @@ class SagaCoordinator:
         self.store = store
         self.poll = poll
         self.stalled_after = stalled_after if stalled_after is not None else 20 * poll
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._lock = KeyedLocks()
+        self._commit = GroupCommit(store, max_batch=max_batch)
+        self._known: dict[str, SagaInstance] = {}
         self._timer: asyncio.Task[None] | None = None
         for saga in self.sagas.values():
             mesh.handler(
-                saga.reply_destination, group=f"{mesh.service}.saga.{saga.name}", name=f"saga:{saga.name}"
+                saga.reply_destination,
+                group=f"{mesh.service}.saga.{saga.name}",
+                name=f"saga:{saga.name}",
+                concurrency=concurrency,
             )(self._on_reply)
         mesh.on_start(self._resume)
         mesh.on_stop(self._halt)
@@ -99,8 +120,8 @@ class SagaCoordinator:
             )
         sid = saga_id or uuid.uuid4().hex
         async with self._lock(sid):
-            if await self.store.load(sid) is not None:
-                return sid  # already started: starting is idempotent
+            if sid in self._known:
+                return sid  # already started here (elsewhere: its creation below fails the version check)
             now = self.mesh.clock.time()
             instance = SagaInstance(
                 saga_id=sid,
@@ -112,11 +133,10 @@ class SagaCoordinator:
                 created_at=now,
                 updated_at=now,
             ).log(now, "", "started")
-            try:
-                instance = await self._save(instance)
-            except StaleSagaError:
-                return sid  # another coordinator created it at the same moment: it runs it
-            await self._advance(definition, instance)
+            # saved with its first command (or before its first local step); if the id
+            # exists already, that save fails the version check: starting is idempotent
+            with contextlib.suppress(StaleSagaError):
+                await self._advance(definition, instance, dirty=True)
         return sid
 
     async def get(self, saga_id: str) -> SagaInstance | None:
@@ -125,7 +145,13 @@ class SagaCoordinator:
 
     # -- forward -------------------------------------------------------------------------
 
-    async def _advance(self, saga: Saga[Any], inst: SagaInstance) -> SagaInstance:
+    async def _advance(
+        self, saga: Saga[Any], inst: SagaInstance, *, dirty: bool, model: BaseModel | None = None
+    ) -> SagaInstance:
+        """Run the saga forward until it waits or ends.
+
+        ``dirty``: ``inst`` has unsaved changes; ``model``: its state, already validated.
+        """
         while inst.status is SagaStatus.RUNNING and not inst.waiting:
             if inst.step >= len(saga.steps):
                 return await self._save(
@@ -134,35 +160,21 @@ class SagaCoordinator:
             step = saga.steps[inst.step]
             if isinstance(step, RemoteStep):
                 token = uuid.uuid4().hex[:12]
-                command = step.send(self._state(saga, inst))
+                command = step.send(model if model is not None else self._state(saga, inst))
                 message = self._command(inst, step.name, token, command)
                 inst = inst.evolve(waiting=True, token=token, due_at=self._now() + step.timeout)
                 inst = inst.log(self._now(), step.name, "sent", detail=command.destination)
                 return await self._save(inst, [(command.destination, message)])
-            ok, result = await self._run_local(step, self._state(saga, inst), inst)
+            if dirty:
+                inst, dirty = await self._save(inst), False  # saved before the action runs
+            ok, result = await run_local(step, self._state(saga, inst), self.mesh.clock, saga_id=inst.saga_id)
             if not ok:
                 inst = inst.log(self._now(), step.name, "failed", detail=result)
                 return await self._compensate(saga, inst)
             inst = inst.evolve(state=result, step=inst.step + 1, completed=(*inst.completed, inst.step))
-            inst = await self._save(inst.log(self._now(), step.name, "succeeded"))
-        return inst
-
-    async def _run_local(self, step: LocalStep, state: BaseModel, inst: SagaInstance) -> tuple[bool, Any]:
-        """Run a local action under its retry policy: (True, new state) or (False, reason)."""
-        policy = step.retry
-        for attempt in range(1, policy.attempts + 1):
-            try:
-                new_state = await step.action(state)
-            except Exception as exc:
-                _log.warning("saga step failed", saga_id=inst.saga_id, step=step.name, attempt=attempt)
-                if attempt == policy.attempts or not is_retryable(exc):
-                    return False, f"{type(exc).__name__}: {exc}"
-                await self.mesh.clock.sleep(min(policy.max_backoff_s, policy.backoff_s * 2 ** (attempt - 1)))
-                continue
-            if not isinstance(new_state, BaseModel):
-                return False, f"step {step.name} returned {type(new_state).__name__}, not the state"
-            return True, new_state.model_dump(mode="json")
-        return False, "no attempt"  # pragma: no cover - the loop always returns
+            inst, dirty = inst.log(self._now(), step.name, "succeeded"), True  # saved with what follows
+            model = None
+        return await self._save(inst) if dirty else inst
 
     # -- replies and timeouts ----------------------------------------------------------------
 
@@ -178,7 +190,7 @@ class SagaCoordinator:
             raise StaleSagaError("saga kept changing under this reply", saga_id=sid)
 
     async def _apply_reply(self, sid: str, message: Message) -> None:
-        inst = await self.store.load(sid)
+        inst = self._known.get(sid) or await self.store.load(sid)
         if inst is None:
             _log.warning("reply for an unknown saga", saga_id=sid, type=message.type)
             return
@@ -208,7 +220,9 @@ class SagaCoordinator:
                 step=inst.step + 1,
                 completed=(*inst.completed, inst.step),
             ).log(self._now(), current.name, "succeeded")
-            await self._advance(saga, await self._save(inst))
+            await self._advance(
+                saga, inst, dirty=True, model=state if type(state) is saga.state_type else None
+            )
         elif message.type in {f.__name__ for f in current.failure}:
             inst = inst.evolve(waiting=False, due_at=None)
             await self._compensate(saga, inst.log(self._now(), current.name, "failed", detail=message.type))
@@ -246,9 +260,9 @@ class SagaCoordinator:
                 timed_out = inst.evolve(waiting=False, due_at=None).log(now, step.name, "timed-out")
                 await self._compensate(saga, timed_out)
         elif inst.status is SagaStatus.COMPENSATING:
-            await self._compensate(saga, inst)
+            await self._compensate(saga, inst, dirty=False)
         elif inst.status is SagaStatus.RUNNING:
-            await self._advance(saga, inst)
+            await self._advance(saga, inst, dirty=False)
 
     async def _retry_stale(self, saga_id: str, work: Callable[[SagaInstance], Awaitable[None]]) -> None:
         """Load the saga and run ``work`` on it; on a version race, reload and run it again."""
@@ -265,71 +279,46 @@ class SagaCoordinator:
 
     # -- compensation ----------------------------------------------------------------------------
 
-    async def _compensate(self, saga: Saga[Any], inst: SagaInstance) -> SagaInstance:
-        """Undo the completed steps in reverse; park the saga as failed if an undo keeps failing."""
+    async def _compensate(self, saga: Saga[Any], inst: SagaInstance, *, dirty: bool = True) -> SagaInstance:
+        """Undo the completed steps in reverse; park the saga as failed if an undo keeps failing.
+
+        The undo commands are saved with the decision to compensate, in one save; a
+        local undo runs only once everything decided before it is saved.
+        """
         if inst.status is not SagaStatus.COMPENSATING:
-            inst = await self._save(inst.evolve(status=SagaStatus.COMPENSATING, waiting=False, due_at=None))
+            inst, dirty = inst.evolve(status=SagaStatus.COMPENSATING, waiting=False, due_at=None), True
+        outgoing: list[Outgoing] = []
         while inst.completed:
             index = inst.completed[-1]
             step = saga.steps[index]
-            outgoing: list[Outgoing] = []
             state = inst.state
             if step.compensate is not None:
-                ok, result = await self._undo(saga, step, inst)
+
+                async def save_first(undo: Awaitable[Any]) -> None:
+                    nonlocal inst, dirty
+                    if dirty:
+                        inst, dirty = await self._save(inst, outgoing), False
+                        outgoing.clear()
+
+                fresh_state = functools.partial(self._state, saga, inst)
+                ok, result = await run_undo(step, fresh_state, self.mesh.clock, before_local=save_first)
                 if not ok:
                     failed = inst.evolve(status=SagaStatus.FAILED)
-                    return await self._save(
-                        failed.log(self._now(), step.name, "compensation-failed", detail=result)
-                    )
+                    failed = failed.log(self._now(), step.name, "compensation-failed", detail=result)
+                    return await self._save(failed, outgoing)
                 if isinstance(result, Command):
                     outgoing.append((result.destination, self._command(inst, step.name, "undo", result)))
                 else:
                     state = result
             inst = inst.evolve(state=state, completed=inst.completed[:-1], step=index)
-            inst = await self._save(inst.log(self._now(), step.name, "compensated"), outgoing)
-        return await self._save(
-            inst.evolve(status=SagaStatus.COMPENSATED).log(self._now(), "", "compensated-all")
-        )
-
-    async def _undo(
-        self, saga: Saga[Any], step: LocalStep | RemoteStep, inst: SagaInstance
-    ) -> tuple[bool, Any]:
-        assert step.compensate is not None
-        policy = step.retry
-        for attempt in range(1, policy.attempts + 1):
-            try:
-                result = step.compensate(self._state(saga, inst))
-                if inspect.isawaitable(result):
-                    result = await result
-            except Exception as exc:
-                if attempt == policy.attempts:
-                    return False, f"{type(exc).__name__}: {exc}"
-                await self.mesh.clock.sleep(min(policy.max_backoff_s, policy.backoff_s * 2 ** (attempt - 1)))
-                continue
-            if isinstance(result, Command):
-                return True, result
-            if isinstance(result, BaseModel):
-                return True, result.model_dump(mode="json")
-            return False, f"compensation of {step.name} returned {type(result).__name__}"
-        return False, "no attempt"  # pragma: no cover
+            inst, dirty = inst.log(self._now(), step.name, "compensated"), True
+        done = inst.evolve(status=SagaStatus.COMPENSATED).log(self._now(), "", "compensated-all")
+        return await self._save(done, outgoing)
 
     # -- plumbing ----------------------------------------------------------------------------------
 
     def _command(self, inst: SagaInstance, step: str, token: str, command: Command) -> Message:
-        saga = self.sagas[inst.name]
-        return self.mesh.message(
-            command.payload,
-            key=command.key,
-            headers={
-                REPLY_TO: saga.reply_destination,
-                REPLY_ECHO: f"{H_SAGA_ID},{H_SAGA_STEP},{H_SAGA_TOKEN}",
-                H_SAGA_ID: inst.saga_id,
-                H_SAGA_STEP: step,
-                H_SAGA_TOKEN: token,
-            },
-            idempotency_key=f"{inst.saga_id}:{step}:{token}",
-            correlation_id=inst.saga_id,
-        )
+        return command_message(self.mesh, self.sagas[inst.name], inst.saga_id, step, token, command)
 
     async def _send(self, destination: str, message: Message) -> None:
         await self.mesh.publish(destination, message)
@@ -342,7 +331,12 @@ class SagaCoordinator:
             wake_at = inst.due_at
         else:
             wake_at = now + self.stalled_after  # only if nobody moves it on before then
-        saved = await self.store.save(inst.evolve(updated_at=now, wake_at=wake_at), outgoing)
+        try:
+            saved = await self._commit.save(inst.evolve(updated_at=now, wake_at=wake_at), outgoing)
+        except BaseException:
+            self._known.pop(inst.saga_id, None)  # stale or unknown: read it again next time
+            raise
+        self._remember(saved)
         last = saved.history[-1] if saved.history else None
         self.mesh.emit(
             SagaStepChanged(
@@ -355,18 +349,21 @@ class SagaCoordinator:
         )
         return saved
 
+    def _remember(self, saved: SagaInstance) -> None:
+        """Keep the last saved copy of an unfinished saga (the next reply starts from it)."""
+        self._known.pop(saved.saga_id, None)
+        if saved.status.finished:
+            return
+        self._known[saved.saga_id] = saved
+        if len(self._known) > _KNOWN_MAX:
+            del self._known[next(iter(self._known))]  # the least recently saved
+
     def _state(self, saga: Saga[Any], inst: SagaInstance) -> BaseModel:
         state: BaseModel = saga.state_type.model_validate(inst.state)
         return state
 
     def _now(self) -> float:
         return self.mesh.clock.time()
-
-    def _lock(self, saga_id: str) -> asyncio.Lock:
-        lock = self._locks.get(saga_id)
-        if lock is None:
-            lock = self._locks[saga_id] = asyncio.Lock()
-        return lock
 
     async def _resume(self) -> None:
         """On start: move on every unfinished saga (whatever stopped it), then watch."""
@@ -387,3 +384,4 @@ class SagaCoordinator:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._timer
             self._timer = None
+        await self._commit.close()

@@ -9,6 +9,10 @@ a state change without its commands (or the reverse). The SQL store in
 ``meshlink-sqlalchemy`` writes the commands to the outbox in the same
 transaction; :class:`MemorySagaStore` publishes them after saving and is meant
 for tests and single-process use.
+
+:meth:`SagaStore.save_many` saves the transitions of several sagas at once (the
+coordinator's group commit): each keeps its own version check and succeeds or
+goes stale on its own, and the successful ones commit together.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import asyncio
 import builtins
 import enum
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol, runtime_checkable
 
 from meshlink.errors import MeshlinkError
@@ -29,7 +33,9 @@ __all__ = [
     "SagaInstance",
     "SagaStatus",
     "SagaStore",
+    "Saved",
     "StaleSagaError",
+    "Transition",
 ]
 
 
@@ -89,13 +95,22 @@ class SagaInstance:
     updated_at: float = 0.0
 
     def evolve(self, **changes: Any) -> SagaInstance:
-        """A copy with ``changes``."""
-        return replace(self, **changes)
+        """A copy with ``changes`` (a plain copy of the fields: the coordinator makes many)."""
+        unknown = changes.keys() - _INSTANCE_FIELDS
+        if unknown:
+            raise TypeError(f"SagaInstance has no field(s) {sorted(unknown)}")
+        copy = object.__new__(type(self))
+        copy.__dict__.update(self.__dict__)
+        copy.__dict__.update(changes)
+        return copy
 
     def log(self, at: float, step: str, event: str, *, attempt: int = 1, detail: str = "") -> SagaInstance:
         """A copy with one more history entry."""
         entry = HistoryEntry(at=at, step=step, event=event, attempt=attempt, detail=detail)
-        return replace(self, history=(*self.history, entry))
+        return self.evolve(history=(*self.history, entry))
+
+
+_INSTANCE_FIELDS = frozenset(f.name for f in fields(SagaInstance))
 
 
 class StaleSagaError(MeshlinkError):
@@ -104,6 +119,12 @@ class StaleSagaError(MeshlinkError):
 
 Outgoing = tuple[str, Message]
 """``(destination, message)`` a transition sends."""
+
+Transition = tuple[SagaInstance, Sequence[Outgoing]]
+"""A saga instance to save and the commands its transition sends."""
+
+Saved = SagaInstance | StaleSagaError
+"""What :meth:`SagaStore.save_many` answers per transition: the saved instance, or why not."""
 
 
 @runtime_checkable
@@ -114,6 +135,18 @@ class SagaStore(Protocol):
         """Insert or update ``instance`` if its version still matches, with its commands.
 
         Returns the saved instance (version + 1). Raises StaleSagaError otherwise.
+        """
+        ...
+
+    async def save_many(
+        self, transitions: Sequence[Transition]
+    ) -> builtins.list[SagaInstance | StaleSagaError]:
+        """Save several sagas' transitions at once, each under its own version check.
+
+        Returns, in order, each saved instance or the :class:`StaleSagaError` that
+        refused it; the refused ones change nothing and the others are saved (with
+        their commands) in one transaction. The saga ids must be distinct. Any
+        other error means nothing was saved.
         """
         ...
 
@@ -145,16 +178,33 @@ class MemorySagaStore:
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def save(self, instance: SagaInstance, outgoing: Sequence[Outgoing] = ()) -> SagaInstance:
+        (result,) = await self.save_many([(instance, outgoing)])
+        if isinstance(result, StaleSagaError):
+            raise result
+        return result
+
+    async def save_many(
+        self, transitions: Sequence[Transition]
+    ) -> builtins.list[SagaInstance | StaleSagaError]:
+        _distinct(transitions)
+        results: list[Saved] = []
+        sends: list[Outgoing] = []
         async with self._lock:
-            current = self.instances.get(instance.saga_id)
-            if (current.version if current else 0) != instance.version:
-                raise StaleSagaError("saga changed since it was loaded", saga_id=instance.saga_id)
-            saved = instance.evolve(version=instance.version + 1)
-            self.instances[instance.saga_id] = saved
-        for destination, message in outgoing:
+            for instance, outgoing in transitions:
+                current = self.instances.get(instance.saga_id)
+                if (current.version if current else 0) != instance.version:
+                    results.append(
+                        StaleSagaError("saga changed since it was loaded", saga_id=instance.saga_id)
+                    )
+                    continue
+                saved = instance.evolve(version=instance.version + 1)
+                self.instances[instance.saga_id] = saved
+                results.append(saved)
+                sends.extend(outgoing)
+        for destination, message in sends:
             if self.publish is not None:
                 await self.publish(destination, message)
-        return saved
+        return results
 
     async def load(self, saga_id: str) -> SagaInstance | None:
         return self.instances.get(saga_id)
@@ -173,3 +223,9 @@ class MemorySagaStore:
             if not i.status.finished and i.wake_at is not None and i.wake_at <= now
         ]
         return sorted(found, key=lambda i: i.wake_at or 0.0)[:limit]
+
+
+def _distinct(transitions: Sequence[Transition]) -> None:
+    ids = {instance.saga_id for instance, _ in transitions}
+    if len(ids) != len(transitions):
+        raise ValueError("save_many: one saga appears twice in the batch")

@@ -114,7 +114,8 @@ async def _scenario(stores: SqlStores, store_url: str) -> None:
         kills = 0
         for _ in range(5):  # five SIGKILLs at random points of progress
             await coordinator.start()
-            await asyncio.wait_for(coordinator.run_until(rng.randrange(50, 400)), 120)
+            # a saga takes about three saves (each reply's transition is one): 500 sagas ~ 1,500
+            await asyncio.wait_for(coordinator.run_until(rng.randrange(25, 200)), 120)
             await coordinator.kill()
             kills += 1
         await coordinator.start()
