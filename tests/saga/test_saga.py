@@ -9,7 +9,15 @@ import pytest
 from pydantic import BaseModel
 
 from meshlink import ConfigurationError, Context, FakeClock, Mesh, Retry
-from meshlink.saga import Command, MemorySagaStore, Saga, SagaCoordinator, SagaInstance, SagaStatus
+from meshlink.saga import (
+    Command,
+    MemorySagaStore,
+    Saga,
+    SagaCoordinator,
+    SagaInstance,
+    SagaStatus,
+    SagaStepChanged,
+)
 
 
 class Order(BaseModel):
@@ -372,3 +380,28 @@ async def test_a_local_compensation_runs_only_once_the_decision_to_compensate_is
         inst = await w.store.load(sid)
         assert inst is not None
         assert inst.status is SagaStatus.COMPENSATED
+
+
+async def test_two_replicas_on_one_store_advance_each_saga_once(
+    memory_url: str, fake_clock: FakeClock
+) -> None:
+    store = MemorySagaStore()
+    async with World(memory_url, fake_clock, checkout(), store=store) as w:
+        # a second coordinator of the same service: replies are shared between the two, so
+        # each one's remembered copies go stale and must be caught by the version check
+        replica = Mesh(memory_url, service="orders", clock=fake_clock)
+        SagaCoordinator(replica, [checkout()], store=store, poll=1)
+        replica_saves: list[object] = []
+        replica.add_listener(lambda e: replica_saves.append(e) if isinstance(e, SagaStepChanged) else None)
+        async with replica:
+            ids = [
+                await w.coordinator.start("checkout", Order(order_id=f"r{i}", amount=1)) for i in range(20)
+            ]
+            for sid in ids:
+                await w.finished(sid)
+        assert replica_saves, "the replica moved some of the sagas"
+        assert sorted(w.charges) == sorted(f"r{i}" for i in range(20)), "each payment sent once"
+        for sid in ids:
+            events = await w.events(sid)
+            assert events.count(("pay", "succeeded")) == 1
+            assert events[-1] == ("", "completed")

@@ -5,7 +5,7 @@ Implements :class:`meshlink.saga.SagaStore` on the saga tables of
 group commit) is one database transaction for a whole batch of transitions:
 
 * the updates, each under its optimistic version check — PostgreSQL: the rows are
-  locked in ``saga_id`` order (two replicas' batches cannot deadlock), then one
+  locked in ``saga_id`` order (two replicas' batches do not deadlock on them), then one
   ``UPDATE … FROM unnest(…) … RETURNING`` says which versions matched; SQLite (one
   writer at a time): one ``executemany``, and if its row count shows a stale one,
   the transaction is rolled back and redone row by row to find it;
