@@ -77,6 +77,8 @@ class HandlerSpec:
 
 
 def _is_json(content_type: str) -> bool:
+    if content_type == "application/json":  # nearly every message: skip the parsing below
+        return True
     base = content_type.split(";", 1)[0].strip().lower()
     return base in ("application/json", "text/json", "") or base.endswith("+json")
 

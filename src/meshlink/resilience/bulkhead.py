@@ -52,8 +52,19 @@ class Bulkhead:
                 self.running -= 1
 
     def __call__(self, next_: Handler) -> Handler:
+        slots = self._slots
+
+        # run() inlined: one coroutine per message instead of three on the hot path
         async def limited(ctx: object) -> None:
-            await self.run(next_, ctx)
+            await slots.acquire()
+            self.running += 1
+            if self.running > self.peak:
+                self.peak = self.running
+            try:
+                await next_(ctx)  # type: ignore[arg-type]
+            finally:
+                self.running -= 1
+                slots.release()
 
         return limited
 

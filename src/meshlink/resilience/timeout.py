@@ -1,14 +1,21 @@
 """Timeout: a try over its deadline is cancelled and fails with a transient error.
 
 The deadline runs on the injected clock, so tests move a FakeClock past it
-instead of waiting; on the system clock it is plain :func:`asyncio.timeout`.
+instead of waiting. On the system clock a middleware keeps its running tries in
+one :class:`_Deadlines` ledger with a single event-loop timer: every try of one
+middleware has the same timeout, so deadlines arrive in the order tries start
+and an insertion-ordered map is already sorted. Entering and leaving cost a map
+insert and delete, where :func:`asyncio.timeout` schedules and cancels a timer
+per try (a heap push each; a third of the policy stack's cost per message).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
+from weakref import WeakKeyDictionary
 
 from meshlink.clock import Clock, SystemClock
 from meshlink.context import Context
@@ -33,6 +40,8 @@ class Timeout:
         if self.seconds == 0:
             raise ConfigurationError("timeout", "must be > 0")
         self.clock = clock
+        # per event loop (a middleware outlives a test's loop; the ledger must not keep it)
+        self._ledgers: WeakKeyDictionary[asyncio.AbstractEventLoop, _Deadlines] = WeakKeyDictionary()
 
     async def run(self, fn: Callable[..., Awaitable[T]], *args: object, clock: Clock | None = None) -> T:
         """Await ``fn(*args)``; cancel it and raise HandlerTimeoutError past the deadline."""
@@ -70,10 +79,81 @@ class Timeout:
         return HandlerTimeoutError(f"handler exceeded its {self.seconds:g}s timeout")
 
     def __call__(self, next_: Handler) -> Handler:
+        seconds = self.seconds
+
         async def timed(ctx: Context) -> None:
-            await self.run(next_, ctx, clock=ctx.clock)
+            clock = ctx.clock
+            if not isinstance(clock, SystemClock):
+                await self._run_on(clock, next_, ctx)
+                return
+            loop = asyncio.get_running_loop()
+            ledger = self._ledgers.get(loop)
+            if ledger is None:
+                ledger = self._ledgers[loop] = _Deadlines(loop, seconds)
+            task = asyncio.current_task()
+            assert task is not None
+            token = ledger.enter(task)
+            try:
+                await next_(ctx)
+            except asyncio.CancelledError as exc:
+                # ours, and nobody else's (a drain's cancel must still propagate)
+                if ledger.leave(token) and task.uncancel() == 0:
+                    raise self._error() from exc
+                raise
+            except BaseException:
+                if ledger.leave(token):
+                    task.uncancel()  # the try turned our cancel into another outcome
+                raise
+            else:
+                if ledger.leave(token):
+                    task.uncancel()  # the try swallowed our cancel and finished
 
         return timed
 
     def __repr__(self) -> str:
         return f"Timeout({self.seconds:g}s)"
+
+
+class _Deadlines:
+    """The running tries of one Timeout middleware on one loop, oldest first, with one timer."""
+
+    __slots__ = ("_expired", "_loop", "_next", "_running", "_seconds", "_timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+        self._loop = loop
+        self._seconds = seconds
+        # token -> (deadline, task); insertion order is deadline order (one timeout for all)
+        self._running: OrderedDict[int, tuple[float, asyncio.Task[Any]]] = OrderedDict()
+        self._expired: set[int] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._next = 0
+
+    def enter(self, task: asyncio.Task[Any]) -> int:
+        """A try starts in ``task``; returns its token."""
+        token = self._next = self._next + 1
+        deadline = self._loop.time() + self._seconds
+        self._running[token] = (deadline, task)
+        if self._timer is None:
+            self._timer = self._loop.call_at(deadline, self._fire)
+        return token
+
+    def leave(self, token: int) -> bool:
+        """The try ended; returns whether it was cancelled for its deadline."""
+        if self._running.pop(token, None) is not None:
+            return False
+        self._expired.discard(token)
+        return True
+
+    def _fire(self) -> None:
+        """Cancel every try past its deadline; re-arm for the oldest one still running."""
+        self._timer = None
+        now = self._loop.time()
+        running = self._running
+        while running:
+            token, (deadline, task) = next(iter(running.items()))
+            if deadline > now:
+                self._timer = self._loop.call_at(deadline, self._fire)
+                return
+            del running[token]
+            self._expired.add(token)
+            task.cancel()
