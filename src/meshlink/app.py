@@ -21,7 +21,7 @@ from meshlink.message import Message
 from meshlink.pipeline import Middleware
 from meshlink.resilience.breaker import Breaker, CircuitBreaker
 from meshlink.resilience.bulkhead import Bulkhead
-from meshlink.resilience.defaults import DEFAULTS, Policies
+from meshlink.resilience.defaults import DEFAULTS, UNSET, Policies, Unset, resolve
 from meshlink.resilience.idempotency import Idempotency
 from meshlink.resilience.policy import Retry
 from meshlink.transport.base import Transport
@@ -35,14 +35,6 @@ H = TypeVar("H", bound=Hook)
 _log = structlog.get_logger("meshlink.mesh")
 
 
-class _Unset:
-    """Marks a keyword that was not given (``None`` means "none" for some policies)."""
-
-    def __repr__(self) -> str:
-        return "UNSET"
-
-
-UNSET = _Unset()
 DEFAULT_DRAIN_TIMEOUT = 30.0
 """Seconds a stopping mesh waits for running handlers before giving their messages back."""
 DEAD_LETTER_GROUP = "dlq"
@@ -115,12 +107,12 @@ class Mesh:
         group: str | None = None,
         name: str | None = None,
         retry: Retry | None = None,
-        timeout: float | str | _Unset | None = UNSET,
+        timeout: float | str | Unset | None = UNSET,
         concurrency: int | None = None,
         bulkhead: Bulkhead | None = None,
-        breaker: Breaker | _Unset | None = UNSET,
-        idempotency: Idempotency | _Unset | None = UNSET,
-        unit_of_work: Middleware | _Unset | None = UNSET,
+        breaker: Breaker | Unset | None = UNSET,
+        idempotency: Idempotency | Unset | None = UNSET,
+        unit_of_work: Middleware | Unset | None = UNSET,
         dead_letter: str | None = None,
         middleware: Sequence[Middleware] = (),
         options: Mapping[str, Any] | None = None,
@@ -157,21 +149,15 @@ class Mesh:
         """
         if not destination:
             raise ConfigurationError("destination", "must be a non-empty string")
-        d = self.defaults
-        if bulkhead is not None and concurrency is not None and bulkhead.concurrency != concurrency:
-            raise ConfigurationError(
-                "concurrency", "give concurrency= or bulkhead=, not two different limits"
-            )
-        policies = Policies(
-            retry=retry if retry is not None else d.retry,
-            timeout=d.timeout if isinstance(timeout, _Unset) else timeout,
-            concurrency=bulkhead.concurrency
-            if bulkhead
-            else (concurrency if concurrency is not None else d.concurrency),
-            breaker=d.breaker if isinstance(breaker, _Unset) else breaker,
-            idempotency=d.idempotency if isinstance(idempotency, _Unset) else idempotency,
-            unit_of_work=d.unit_of_work if isinstance(unit_of_work, _Unset) else unit_of_work,
-            max_body_bytes=d.max_body_bytes,
+        policies = resolve(
+            self.defaults,
+            retry=retry,
+            timeout=timeout,
+            concurrency=concurrency,
+            bulkhead=bulkhead,
+            breaker=breaker,
+            idempotency=idempotency,
+            unit_of_work=unit_of_work,
         )
 
         def register(fn: F) -> F:

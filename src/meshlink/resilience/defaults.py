@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from meshlink.errors import ConfigurationError
 from meshlink.pipeline import Middleware
 from meshlink.resilience.breaker import Breaker
+from meshlink.resilience.bulkhead import Bulkhead
 from meshlink.resilience.idempotency import Idempotency
 from meshlink.resilience.policy import Retry, parse_duration
 
-__all__ = ["DEFAULTS", "Policies"]
+__all__ = ["DEFAULTS", "UNSET", "Policies", "Unset"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,3 +54,41 @@ class Policies:
 
 
 DEFAULTS = Policies()
+
+
+class Unset:
+    """The type of :data:`UNSET`: "not given" where ``None`` means "none"."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET = Unset()
+
+
+def resolve(
+    defaults: Policies,
+    *,
+    retry: Retry | None = None,
+    timeout: float | str | Unset | None = UNSET,
+    concurrency: int | None = None,
+    bulkhead: Bulkhead | None = None,
+    breaker: Breaker | Unset | None = UNSET,
+    idempotency: Idempotency | Unset | None = UNSET,
+    unit_of_work: Middleware | Unset | None = UNSET,
+) -> Policies:
+    """A handler's policies: what it gives, the rest from ``defaults`` (see ``Mesh.handler``)."""
+    if bulkhead is not None and concurrency is not None and bulkhead.concurrency != concurrency:
+        raise ConfigurationError("concurrency", "give concurrency= or bulkhead=, not two different limits")
+    d = defaults
+    if bulkhead is not None:
+        concurrency = bulkhead.concurrency
+    return Policies(
+        retry=retry if retry is not None else d.retry,
+        timeout=d.timeout if isinstance(timeout, Unset) else timeout,
+        concurrency=concurrency if concurrency is not None else d.concurrency,
+        breaker=d.breaker if isinstance(breaker, Unset) else breaker,
+        idempotency=d.idempotency if isinstance(idempotency, Unset) else idempotency,
+        unit_of_work=d.unit_of_work if isinstance(unit_of_work, Unset) else unit_of_work,
+        max_body_bytes=d.max_body_bytes,
+    )

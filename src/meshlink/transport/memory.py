@@ -24,300 +24,25 @@ transport contract and passes the same conformance suite as RabbitMQ and Kafka.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import itertools
 import weakref
-from collections import deque
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
-
-import structlog
 
 from meshlink.clock import Clock, SystemClock
 from meshlink.errors import ConfigurationError, TransportClosedError, UnroutableError
 from meshlink.logs import redact_url
 from meshlink.message import Message
 from meshlink.transport.base import (
-    Delivery,
     DeliveryCallback,
     Subscription,
     SubscriptionSpec,
     Transport,
 )
+from meshlink.transport.memory_broker import MemoryBroker, MemorySubscription
 
 __all__ = ["MemoryBroker", "MemoryTransport"]
 
-_log = structlog.get_logger("meshlink.memory")
 _BROKERS: weakref.WeakValueDictionary[str, MemoryBroker] = weakref.WeakValueDictionary()
-
-
-class _Entry:
-    __slots__ = ("count", "message")
-
-    def __init__(self, message: Message) -> None:
-        self.message = message
-        self.count = 0
-
-
-class _Group:
-    __slots__ = ("busy_keys", "destination", "name", "ready", "subs", "turn")
-
-    def __init__(self, destination: str, name: str) -> None:
-        self.destination = destination
-        self.name = name
-        self.ready: deque[_Entry] = deque()
-        self.busy_keys: set[str] = set()
-        self.subs: list[_MemorySubscription] = []
-        self.turn = itertools.count()
-
-
-class MemoryBroker:
-    """The shared state behind every ``memory://NAME`` transport of one name."""
-
-    def __init__(self, name: str, clock: Clock) -> None:
-        self.name = name
-        self.clock = clock
-        self.destinations: dict[str, dict[str, _Group]] = {}
-        self.delayed: set[asyncio.Task[None]] = set()
-        self._changed = asyncio.Event()
-
-    # -- inspection -------------------------------------------------------------
-
-    def depth(self, destination: str, group: str) -> int:
-        """Messages ready (not handed out) in a group queue."""
-        g = self.destinations.get(destination, {}).get(group)
-        return len(g.ready) if g else 0
-
-    def peek(self, destination: str, group: str) -> list[Message]:
-        """The messages ready in a group queue, head first, without consuming them."""
-        g = self.destinations.get(destination, {}).get(group)
-        return [e.message for e in g.ready] if g else []
-
-    def unsettled(self, destination: str, group: str) -> int:
-        """Deliveries of a group handed out and not yet settled."""
-        g = self.destinations.get(destination, {}).get(group)
-        return sum(len(s.unsettled) for s in g.subs) if g else 0
-
-    def is_idle(self) -> bool:
-        """True when no consumed group has a ready or unsettled message."""
-        for groups in self.destinations.values():
-            for g in groups.values():
-                if any(s.unsettled for s in g.subs):
-                    return False
-                if g.ready and any(not s.stopped for s in g.subs):
-                    return False
-        return True
-
-    async def wait_idle(self) -> None:
-        """Wait until :meth:`is_idle` (delayed messages not yet due do not count)."""
-        while not self.is_idle():
-            self._changed.clear()
-            await self._changed.wait()
-
-    # -- routing ----------------------------------------------------------------
-
-    def declare(self, destination: str, group: str | None) -> _Group | None:
-        groups = self.destinations.setdefault(destination, {})
-        if group is None:
-            return None
-        g = groups.get(group)
-        if g is None:
-            g = groups[group] = _Group(destination, group)
-        return g
-
-    def check_routable(self, destination: str) -> bool:
-        return bool(self.destinations.get(destination))
-
-    def route(self, destination: str, message: Message) -> None:
-        for g in self.destinations.get(destination, {}).values():
-            g.ready.append(_Entry(message))
-            self.pump(g)
-        self.touch()
-
-    def schedule(self, destination: str, message: Message, delay: float) -> None:
-        async def fire() -> None:
-            await self.clock.sleep(delay)
-            self.route(destination, message)
-
-        task = asyncio.get_running_loop().create_task(fire(), name=f"memory-delay:{destination}")
-        self.delayed.add(task)
-        task.add_done_callback(self.delayed.discard)
-
-    def pump(self, g: _Group) -> None:
-        """Hand ready messages to subscriptions with room, keeping per-key order."""
-        while g.ready:
-            sub = self._next_consumer(g)
-            if sub is None:
-                return
-            entry = self._take_dispatchable(g)
-            if entry is None:
-                return
-            sub.assign(entry)
-
-    def _next_consumer(self, g: _Group) -> _MemorySubscription | None:
-        n = len(g.subs)
-        for _ in range(n):
-            sub = g.subs[next(g.turn) % n]
-            if sub.has_room():
-                return sub
-        return None
-
-    @staticmethod
-    def _take_dispatchable(g: _Group) -> _Entry | None:
-        for i, entry in enumerate(g.ready):
-            key = entry.message.key
-            if key is None or key not in g.busy_keys:
-                del g.ready[i]
-                if key is not None:
-                    g.busy_keys.add(key)
-                return entry
-        return None
-
-    def give_back(self, g: _Group, entries: list[_Entry], *, redelivered: bool) -> None:
-        """Put entries back at the head of the group queue, in their order."""
-        for entry in reversed(entries):
-            if entry.message.key is not None:
-                g.busy_keys.discard(entry.message.key)
-            if redelivered:
-                entry.count += 1
-            g.ready.appendleft(entry)
-        self.pump(g)
-        self.touch()
-
-    def release(self, g: _Group, entry: _Entry) -> None:
-        if entry.message.key is not None:
-            g.busy_keys.discard(entry.message.key)
-        self.pump(g)
-        self.touch()
-
-    def touch(self) -> None:
-        self._changed.set()
-
-
-class _MemoryDelivery(Delivery):
-    __slots__ = ("_entry", "_sub")
-
-    def __init__(self, sub: _MemorySubscription, entry: _Entry) -> None:
-        super().__init__(
-            entry.message,
-            destination=sub.group.destination,
-            group=sub.group.name,
-            redelivered=entry.count > 0,
-            delivery_count=entry.count + 1,
-        )
-        self._sub = sub
-        self._entry = entry
-
-    async def _do_ack(self) -> None:
-        self._sub.settle(self, requeue=False)
-
-    async def _do_nack(self) -> None:
-        self._sub.settle(self, requeue=True)
-
-    async def _do_reject(self) -> None:
-        self._sub.settle(self, requeue=False)
-
-
-class _MemorySubscription(Subscription):
-    def __init__(
-        self,
-        broker: MemoryBroker,
-        group: _Group,
-        spec: SubscriptionSpec,
-        on_delivery: DeliveryCallback,
-    ) -> None:
-        self.spec = spec
-        self.broker = broker
-        self.group = group
-        self.on_delivery = on_delivery
-        self.inbox: deque[_MemoryDelivery] = deque()
-        self.unsettled: set[_MemoryDelivery] = set()
-        self.stopped = False
-        self._paused = False
-        self._wake = asyncio.Event()
-        self._worker = asyncio.get_running_loop().create_task(
-            self._run(), name=f"memory-consumer:{spec.destination}/{spec.group}"
-        )
-
-    @property
-    def paused(self) -> bool:
-        return self._paused
-
-    def has_room(self) -> bool:
-        return not self._paused and not self.stopped and len(self.unsettled) < self.spec.prefetch
-
-    def assign(self, entry: _Entry) -> None:
-        delivery = _MemoryDelivery(self, entry)
-        self.unsettled.add(delivery)
-        self.inbox.append(delivery)
-        self._wake.set()
-
-    def settle(self, delivery: _MemoryDelivery, *, requeue: bool) -> None:
-        if delivery not in self.unsettled:
-            return  # link gone (transport closed): the broker already took it back
-        self.unsettled.discard(delivery)
-        if requeue:
-            self.broker.give_back(self.group, [delivery._entry], redelivered=True)
-        else:
-            self.broker.release(self.group, delivery._entry)
-
-    async def _run(self) -> None:
-        while True:
-            while not self.inbox or self._paused:
-                self._wake.clear()
-                await self._wake.wait()
-            delivery = self.inbox.popleft()
-            try:
-                await self.on_delivery(delivery)
-            except Exception:
-                _log.exception("delivery callback failed; message requeued", message_id=delivery.message.id)
-                if delivery.settled is None:
-                    await delivery.nack(requeue=True)
-
-    def _return_inbox(self) -> None:
-        """Deliveries assigned but not yet handed over go back to the group queue."""
-        if not self.inbox:
-            return
-        returned = list(self.inbox)
-        self.inbox.clear()
-        for d in returned:
-            self.unsettled.discard(d)
-        self.broker.give_back(self.group, [d._entry for d in returned], redelivered=False)
-
-    async def pause(self) -> None:
-        if self.stopped:
-            raise TransportClosedError("subscription is stopped", destination=self.spec.destination)
-        self._paused = True
-        self._return_inbox()
-
-    async def resume(self) -> None:
-        if self.stopped:
-            raise TransportClosedError("subscription is stopped", destination=self.spec.destination)
-        self._paused = False
-        self._wake.set()
-        self.broker.pump(self.group)
-
-    async def stop(self) -> None:
-        if self.stopped:
-            return
-        self.stopped = True
-        self._worker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._worker
-        self._return_inbox()
-        self.broker.touch()
-
-    async def detach(self) -> None:
-        """Stop, then return every unsettled delivery to the broker (transport close)."""
-        await self.stop()
-        if self in self.group.subs:
-            self.group.subs.remove(self)
-        pending = list(self.unsettled)
-        self.unsettled.clear()
-        if pending:
-            self.broker.give_back(self.group, [d._entry for d in pending], redelivered=True)
-        self.broker.touch()
 
 
 class MemoryTransport(Transport):
@@ -345,7 +70,7 @@ class MemoryTransport(Transport):
         self._drop_unroutable = unroutable == "drop"
         self._clock = clock
         self._broker: MemoryBroker | None = None
-        self._subs: list[_MemorySubscription] = []
+        self._subs: list[MemorySubscription] = []
         self._closed = False
 
     @property
@@ -403,7 +128,7 @@ class MemoryTransport(Transport):
         broker = self._live_broker()
         group = broker.declare(spec.destination, spec.group)
         assert group is not None
-        sub = _MemorySubscription(broker, group, spec, on_delivery)
+        sub = MemorySubscription(broker, group, spec, on_delivery)
         group.subs.append(sub)
         self._subs.append(sub)
         broker.pump(group)
