@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Collection, Sequence
 
 from meshlink import Breaker, FakeClock
 from meshlink.errors import PublishError, UnroutableError
@@ -14,6 +16,7 @@ from meshlink.outbox import (
     OutboxRowMovedAside,
     Relay,
 )
+from meshlink.transport.base import Outgoing
 
 from .helpers import Recorder, ScriptedTransport
 
@@ -125,10 +128,10 @@ async def test_the_relay_wakes_on_commit_and_stops_gracefully(
     relay = Relay(store, transport, clock=fake_clock, emit=recorder)  # the fake clock never polls
     await relay.start()
     await write(Outbox(store, clock=fake_clock), store, [("x", 1), ("x", 2)])
-    await recorder.until(lambda: relay.counters.published == 2)
-    assert len(recorder.of(OutboxBatchPublished)) == 1
-    await relay.stop()
+    await recorder.until(lambda: len(recorder.of(OutboxBatchPublished)) == 1)
+    await relay.stop()  # settles the batch in hand
     assert not relay.running
+    assert relay.counters.published == 2
     await write(Outbox(store, clock=fake_clock), store, [("x", 3)])
     assert len(await store.list_pending()) == 1  # a stopped relay publishes nothing
 
@@ -167,3 +170,88 @@ async def test_a_relay_attached_to_a_mesh_starts_and_stops_with_it(memory_url: s
         await h.wait_for(lambda _h: len(seen) == 2)
     assert seen == [1, 2]
     assert not relay.running
+
+
+class ClaimLog(MemoryOutboxStore):
+    """A memory store that records what each claim excluded and returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.claims: list[tuple[list[int], list[int]]] = []
+        self.claimed = asyncio.Event()
+
+    async def claim(
+        self, relay: str, *, limit: int, lease: float, now: float, exclude: Collection[int] = ()
+    ) -> list[OutboxRow]:
+        rows = await super().claim(relay, limit=limit, lease=lease, now=now, exclude=exclude)
+        self.claims.append((sorted(exclude), [r.id for r in rows]))
+        self.claimed.set()
+        return rows
+
+
+class Gated(ScriptedTransport):
+    """Holds every publish until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.started = asyncio.Event()
+
+    async def publish_many(self, items: Sequence[Outgoing]) -> None:
+        self.started.set()
+        await self.gate.wait()
+        await super().publish_many(items)
+
+
+async def test_a_running_relay_claims_the_next_batch_while_one_is_published_and_keeps_key_order(
+    fake_clock: FakeClock, recorder: Recorder
+) -> None:
+    store, transport = ClaimLog(), Gated()
+    await write(Outbox(store, clock=fake_clock), store, [("x", 1), ("y", 2), ("x", 3), ("y", 4), ("x", 5)])
+    transport.gate.clear()
+    relay = Relay(store, transport, clock=fake_clock, batch_size=2, emit=recorder)
+    await relay.start()
+    await transport.started.wait()  # batch [1, 2] is being published ...
+    while len(store.claims) < 2:
+        store.claimed.clear()
+        await store.claimed.wait()
+    assert store.claims[1] == ([1, 2], [3, 4])  # ... and the next one was claimed meanwhile
+    transport.gate.set()
+    await recorder.until(lambda: sum(len(e.ids) for e in recorder.of(OutboxBatchPublished)) == 5)  # type: ignore[attr-defined]
+    await relay.stop()
+    assert numbers(transport) == [1, 2, 3, 4, 5]
+    assert [len(call) for call in transport.calls] == [2, 2, 1]  # one wave per batch: keys in parallel
+    assert (await store.stats(now=fake_clock.time())).sent == 5
+
+
+async def test_a_row_that_fails_in_flight_holds_back_its_keys_rows_claimed_behind_it(
+    fake_clock: FakeClock, recorder: Recorder
+) -> None:
+    store = ClaimLog()
+    await write(Outbox(store, clock=fake_clock), store, [("x", 1), ("x", 2), ("x", 3)])
+    transport = Gated()
+    transport.gate.clear()
+    refused: list[int] = []
+
+    def refuse_first(o: Outgoing) -> BaseException | None:
+        n = json.loads(o.message.body)["n"]
+        if n == 1 and not refused:
+            refused.append(n)
+            return UnroutableError("no route yet")
+        return None
+
+    transport.fail = refuse_first
+    relay = Relay(store, transport, clock=fake_clock, batch_size=1, retry_backoff=1, emit=recorder)
+    await relay.start()
+    while len(store.claims) < 2:  # row 2 claimed behind row 1, which is in flight
+        store.claimed.clear()
+        await store.claimed.wait()
+    transport.gate.set()
+    await fake_clock.wait_for_sleepers(1)  # row 1 failed: row 2 given back, the relay waits to poll
+    assert numbers(transport) == []
+    assert [r.id for r in await store.list_pending()] == [1, 2, 3]
+    await fake_clock.advance(1)  # row 1's retry is due
+    await recorder.until(lambda: sum(len(e.ids) for e in recorder.of(OutboxBatchPublished)) == 3)  # type: ignore[attr-defined]
+    await relay.stop()
+    assert numbers(transport) == [1, 2, 3]

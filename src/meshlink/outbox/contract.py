@@ -85,6 +85,22 @@ async def a_relay_reclaims_its_own_rows(h: StoreHarness) -> None:
     assert [r.id for r in await h.store.claim("a", limit=10, lease=30, now=NOW)] == [r.id for r in first]
 
 
+async def a_claim_skips_the_excluded_rows_in_flight_and_brings_their_keys_later_rows(h: StoreHarness) -> None:
+    await h.add([entry(1, "x"), entry(2, "y"), entry(3, "x"), entry(4), entry(5, "x")])
+    in_flight = await h.store.claim("a", limit=2, lease=30, now=NOW)
+    assert _bodies(in_flight) == [1, 2]
+    ids = [r.id for r in in_flight]
+    following = await h.store.claim("a", limit=10, lease=30, now=NOW, exclude=ids)
+    assert _bodies(following) == [3, 4, 5]  # x's head is a's (in flight): its later rows come along
+    assert (
+        await h.store.claim("a", limit=10, lease=30, now=NOW, exclude=ids + [r.id for r in following]) == []
+    )
+    assert await h.store.claim("b", limit=10, lease=30, now=NOW) == []  # every key held by a
+    assert (await h.store.stats(now=NOW)).in_flight == 5  # excluded rows keep their lease
+    await h.store.mark_sent("a", ids, now=NOW)
+    assert _bodies(await h.store.claim("a", limit=10, lease=30, now=NOW)) == [3, 4, 5]  # its own rows
+
+
 async def a_failed_row_holds_back_its_key_until_retry(h: StoreHarness) -> None:
     await h.add([entry(1, "x"), entry(2, "x"), entry(3, "y")])
     rows = await h.store.claim("a", limit=10, lease=30, now=NOW)
@@ -147,6 +163,7 @@ CHECKS: list[Callable[[StoreHarness], Awaitable[None]]] = [
     a_key_is_never_split_between_relays,
     an_expired_lease_is_claimable_again,
     a_relay_reclaims_its_own_rows,
+    a_claim_skips_the_excluded_rows_in_flight_and_brings_their_keys_later_rows,
     a_failed_row_holds_back_its_key_until_retry,
     a_row_out_of_budget_is_moved_aside_with_its_reason,
     a_permanent_failure_is_moved_aside_at_once,

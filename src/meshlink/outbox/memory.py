@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
@@ -131,7 +131,9 @@ class MemoryOutboxStore:
     def _unsent(self) -> list[_Row]:
         return [r for r in self._rows.values() if r.sent_at is None]
 
-    async def claim(self, relay: str, *, limit: int, lease: float, now: float) -> list[OutboxRow]:
+    async def claim(
+        self, relay: str, *, limit: int, lease: float, now: float, exclude: Collection[int] = ()
+    ) -> list[OutboxRow]:
         def claimable(r: _Row) -> bool:
             free = r.lease_until is None or r.lease_until < now or r.claimed_by == relay
             return free and (r.retry_at is None or r.retry_at <= now)
@@ -142,10 +144,12 @@ class MemoryOutboxStore:
             if r.row.key is not None:
                 heads.setdefault(r.row.key, r)
         held = {k for k, head in heads.items() if claimable(head)}
+        skip = set(exclude)
         picked = [
             r
             for r in unsent
-            if (r.row.key is None and claimable(r)) or (r.row.key is not None and r.row.key in held)
+            if r.row.id not in skip
+            and ((r.row.key is None and claimable(r)) or (r.row.key is not None and r.row.key in held))
         ][:limit]
         for r in picked:
             r.claimed_by, r.lease_until = relay, now + lease

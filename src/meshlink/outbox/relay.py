@@ -1,16 +1,8 @@
 """The relay: moves committed outbox rows to the broker, in order, with confirmation.
 
-One loop per relay::
-
-    claim a batch (with a lease) → publish it in waves → mark the sent rows (one statement)
-                                                        → record failures / give the rest back
-
-A *wave* holds at most one row per key: the first wave has each key's first row
-of the batch, the second its second row, and so on. A wave goes out through
-``transport.publish_many`` (pipelined, every message confirmed), and a key's next
-row is published only once its previous one was confirmed, so keys proceed in
-parallel and each key in order. A row that fails holds back the rest of its key
-(given back to the store, not attempted).
+One batch: claim (with a lease) → publish in waves (:mod:`meshlink.outbox.batch`) →
+settle: mark the sent rows (one statement), record failures, give the rest back.
+Running, the relay overlaps the store and the broker (:mod:`meshlink.outbox.pipeline`).
 
 Failure classes:
 
@@ -33,37 +25,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from meshlink.clock import Clock, SystemClock
-from meshlink.errors import (
-    CircuitOpenError,
-    ConfigurationError,
-    PublishBatchError,
-    UnroutableError,
-    is_retryable,
-)
+from meshlink.errors import ConfigurationError
 from meshlink.events import Event, MeshDraining
-from meshlink.message import Message
-from meshlink.outbox.events import (
-    OutboxBatchPublished,
-    OutboxBrokerUnavailable,
-    OutboxRowFailed,
-    OutboxRowMovedAside,
-    OutboxStoreUnavailable,
-)
-from meshlink.outbox.store import OutboxRow, OutboxStats, OutboxStore, RowFailure
+from meshlink.outbox.batch import RelayCounters, decode_row
+from meshlink.outbox.pipeline import BatchLoop
+from meshlink.outbox.store import OutboxStats, OutboxStore
 from meshlink.resilience.breaker import Breaker, CircuitBreaker
 from meshlink.resilience.policy import parse_duration
-from meshlink.transport.base import Outgoing, Transport
+from meshlink.transport.base import Transport
 
 if TYPE_CHECKING:
     from meshlink.app import Mesh
@@ -75,49 +53,7 @@ _OPEN = "open"  # the breaker state (pybreaker's name) in which the relay waits
 Duration = float | str
 
 
-def decode_row(row: OutboxRow) -> Message:
-    """The envelope stored in ``row``; raises ``ValueError`` for a row that cannot be decoded."""
-    headers = json.loads(row.headers)
-    if not isinstance(headers, dict):
-        raise ValueError("outbox row headers are not a JSON object")
-    return Message.from_headers(headers, row.body, key=row.key)
-
-
-def _waves(rows: list[tuple[OutboxRow, Message]]) -> list[list[tuple[OutboxRow, Message]]]:
-    """Split a batch so that each wave has at most one row per key, in id order."""
-    waves: list[list[tuple[OutboxRow, Message]]] = []
-    seen: dict[str, int] = {}
-    for item in rows:
-        key = item[0].key
-        index = 0
-        if key is not None:
-            index = seen.get(key, 0)
-            seen[key] = index + 1
-        if index == len(waves):
-            waves.append([])
-        waves[index].append(item)
-    return waves
-
-
-@dataclass
-class RelayCounters:
-    """What one relay did since it started (store-wide figures: :meth:`Relay.stats`)."""
-
-    published: int = 0
-    """Rows confirmed by the broker."""
-    batches: int = 0
-    """Non-empty batches claimed."""
-    failed_attempts: int = 0
-    """Row attempts that failed."""
-    moved_aside: int = 0
-    """Rows moved to the failed rows."""
-    broker_outages: int = 0
-    """Waves that failed as a whole (broker down)."""
-    store_errors: int = 0
-    """Store operations that failed after their retries."""
-
-
-class Relay:
+class Relay(BatchLoop):
     """Publishes an outbox's rows. Run several side by side on PostgreSQL; one on SQLite.
 
     Args:
@@ -276,12 +212,11 @@ class Relay:
                     await asyncio.sleep(0)  # let the breaker's pause task run before waiting on it
                     await self._wait_any(self._resumed.wait())
                     continue
-                self._wake.clear()
-                claimed = await self.run_once()
+                drained = await self._pump()
                 backoff, self._backoff = self._backoff, None
                 if backoff is not None:
                     await self._wait_any(self.clock.sleep(backoff))
-                elif claimed == 0 and not self._stopping.is_set():
+                elif drained and not self._stopping.is_set():
                     await self._maybe_purge()
                     await self._wait_any(self._wake.wait(), self.clock.sleep(self.poll_interval))
         finally:
@@ -301,172 +236,9 @@ class Relay:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _store_op(self, operation: str, op: Awaitable[Any]) -> tuple[bool, Any]:
-        try:
-            return True, await op
-        except Exception as exc:
-            self.counters.store_errors += 1
-            _log.warning(
-                "outbox store operation failed", relay=self.name, operation=operation, error=repr(exc)
-            )
-            self._emit(OutboxStoreUnavailable(relay=self.name, operation=operation, error=exc))
-            return False, None
-
-    async def run_once(self) -> int:
-        """Claim one batch and publish it; returns how many rows were claimed.
-
-        The loop calls this; tests may too (it never waits on the clock).
-        """
-        ok, rows = await self._store_op(
-            "claim",
-            self.store.claim(self.name, limit=self.batch_size, lease=self.lease, now=self.clock.time()),
-        )
-        if not ok:
-            self._backoff = max(self.poll_interval, 0.1)
-            return 0
-        if rows:
-            self.counters.batches += 1
-            await self._process(rows)
-        return len(rows)
-
     async def _maybe_purge(self) -> None:
         now = self.clock.monotonic()
         if now < self._next_purge:
             return
         self._next_purge = now + self.purge_interval
         await self._store_op("purge", self.store.purge(sent_before=self.clock.time() - self.retention))
-
-    # -- one batch -----------------------------------------------------------------------------
-
-    async def _process(self, rows: list[OutboxRow]) -> None:
-        deadline = self.clock.monotonic() + self.lease * 0.8  # never publish on a lease about to lapse
-        sent: list[int] = []
-        failures: list[RowFailure] = []
-        give_back: list[int] = []
-        blocked: set[str] = set()
-        decoded: list[tuple[OutboxRow, Message]] = []
-        for row in rows:
-            if row.key is not None and row.key in blocked:
-                give_back.append(row.id)
-                continue
-            try:
-                decoded.append((row, decode_row(row)))
-            except (ValueError, TypeError) as exc:
-                failures.append(self._failure(row, exc, permanent=True))
-                if row.key is not None:
-                    blocked.add(row.key)
-        outage: BaseException | None = None
-        for wave in _waves(decoded):
-            todo = [(r, m) for r, m in wave if r.key is None or r.key not in blocked]
-            give_back.extend(r.id for r, _ in wave if r.key is not None and r.key in blocked)
-            if not todo:
-                continue
-            if outage is not None or self.clock.monotonic() > deadline:
-                give_back.extend(r.id for r, _ in todo)
-                continue
-            try:
-                self.breaker.before_call()
-            except CircuitOpenError as exc:
-                outage = exc
-                give_back.extend(r.id for r, _ in todo)
-                continue
-            outage = await self._publish_wave(todo, sent, failures, give_back, blocked)
-        if sent:
-            self._emit(OutboxBatchPublished(relay=self.name, ids=tuple(sent), claimed=len(rows)))
-            ok, _ = await self._store_op(
-                "mark_sent", self.store.mark_sent(self.name, sent, now=self.clock.time())
-            )
-            if ok:
-                self.counters.published += len(sent)
-        if failures:
-            await self._record(failures)
-        if give_back:
-            await self._store_op("release", self.store.release(self.name, give_back))
-        if outage is not None and not isinstance(outage, CircuitOpenError):
-            wait = min(self.broker_backoff * 2**self._outages, self.breaker_reset)
-            self._outages += 1
-            self.counters.broker_outages += 1
-            _log.warning("broker unavailable; backing off", relay=self.name, wait=wait, error=repr(outage))
-            self._emit(OutboxBrokerUnavailable(relay=self.name, error=outage, wait=wait))
-            self._backoff = wait
-        elif sent:
-            self._outages = 0
-
-    @property
-    def breaker_reset(self) -> float:
-        """The breaker's open time: the longest broker backoff."""
-        return parse_duration(self.breaker.config.reset, setting="breaker.reset")
-
-    async def _publish_wave(
-        self,
-        todo: list[tuple[OutboxRow, Message]],
-        sent: list[int],
-        failures: list[RowFailure],
-        give_back: list[int],
-        blocked: set[str],
-    ) -> BaseException | None:
-        """Publish one wave; sort each row into sent / failed / given back. Returns an outage error."""
-        assert self.transport is not None
-        now = self.clock.time()
-        items = [
-            Outgoing(
-                destination=r.destination,
-                message=m,
-                delay=(r.deliver_at - now) if r.deliver_at is not None and r.deliver_at > now else None,
-            )
-            for r, m in todo
-        ]
-        errors: dict[int, BaseException] = {}
-        try:
-            await self.transport.publish_many(items)
-        except PublishBatchError as exc:
-            errors = dict(exc.failures)
-        except Exception as exc:
-            errors = dict.fromkeys(range(len(items)), exc)
-        confirmed = len(items) - len(errors)
-        outage: BaseException | None = None
-        for index, (row, _) in enumerate(todo):
-            error = errors.get(index)
-            if error is None:
-                sent.append(row.id)
-            elif confirmed == 0 and is_retryable(error) and not isinstance(error, UnroutableError):
-                outage = error  # nothing went through: the broker, not the row
-                give_back.append(row.id)
-            else:
-                failures.append(self._failure(row, error, permanent=not is_retryable(error)))
-            if error is not None and row.key is not None:
-                blocked.add(row.key)
-        await self.breaker.record(outage)
-        return outage
-
-    def _failure(self, row: OutboxRow, error: BaseException, *, permanent: bool) -> RowFailure:
-        delay = min(self.retry_backoff * 2**row.attempts, self.max_retry_backoff)
-        reason = f"{type(error).__name__}: {error}"
-        self.counters.failed_attempts += 1
-        self._emit(
-            OutboxRowFailed(
-                relay=self.name,
-                row_id=row.id,
-                attempts=row.attempts + 1,
-                error=error,
-                retry_at=self.clock.time() + delay,
-            )
-        )
-        return RowFailure(
-            id=row.id, reason=reason[:2000], retry_at=self.clock.time() + delay, permanent=permanent
-        )
-
-    async def _record(self, failures: list[RowFailure]) -> None:
-        ok, moved = await self._store_op(
-            "record_failure",
-            self.store.record_failure(
-                self.name, failures, now=self.clock.time(), max_attempts=self.max_attempts
-            ),
-        )
-        if not ok:
-            return
-        reasons = {f.id: f.reason for f in failures}
-        for row_id in moved:
-            self.counters.moved_aside += 1
-            _log.error("outbox row moved aside", relay=self.name, row_id=row_id, reason=reasons[row_id])
-            self._emit(OutboxRowMovedAside(relay=self.name, row_id=row_id, reason=reasons[row_id]))

@@ -27,7 +27,10 @@ Claiming
     and publishes them one after the other. Rows without a key have no order and
     are claimed independently. Rows whose lease expired (a dead relay) are claimable
     again: that is where duplicates come from, never loss. A relay re-claiming with
-    its own name gets back rows it still holds (a claim whose commit was lost).
+    its own name gets back rows it still holds (a claim whose commit was lost),
+    except those in ``exclude``: a relay that claims its next batch while the
+    previous one is in flight excludes the rows in flight, and gets the later
+    rows of their keys (it holds their heads), which it publishes after them.
 
 Settling
     :meth:`OutboxStore.mark_sent` marks rows sent in one statement;
@@ -51,7 +54,7 @@ an injected clock.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -177,8 +180,13 @@ class OutboxStore(Protocol):
         """Add ``entries`` inside the caller's transaction ``session``."""
         ...
 
-    async def claim(self, relay: str, *, limit: int, lease: float, now: float) -> list[OutboxRow]:
-        """Give up to ``limit`` claimable rows to ``relay`` until ``now + lease``, in id order."""
+    async def claim(
+        self, relay: str, *, limit: int, lease: float, now: float, exclude: Collection[int] = ()
+    ) -> list[OutboxRow]:
+        """Give up to ``limit`` claimable rows to ``relay`` until ``now + lease``, in id order.
+
+        Rows in ``exclude`` (``relay``'s rows in flight) are not returned; their leases stay as they are.
+        """
         ...
 
     async def mark_sent(self, relay: str, ids: Sequence[int], *, now: float) -> int:

@@ -1,22 +1,29 @@
 """The SQL outbox store (SQLAlchemy 2 async Core), on PostgreSQL and SQLite.
 
-Claiming is one statement (a CTE plus ``UPDATE … RETURNING``)::
+Claiming is one statement (CTEs plus ``UPDATE … RETURNING``)::
 
-    WITH heads AS (            -- claimable rows that are their key's earliest unsent row
+    WITH key_heads AS (        -- each key's earliest unsent row
+        SELECT min(id) FROM outbox WHERE sent_at IS NULL AND msg_key IS NOT NULL GROUP BY msg_key),
+    free_heads AS (            -- claimable heads (and keyless rows) under no live lease
         SELECT id, msg_key FROM outbox
-        WHERE sent_at IS NULL AND <lease free or ours> AND <retry due>
-          AND (msg_key IS NULL OR id IN (SELECT min(id) … WHERE sent_at IS NULL GROUP BY msg_key))
+        WHERE sent_at IS NULL AND <no live lease> AND <retry due> AND (msg_key IS NULL OR id IN key_heads)
         ORDER BY id LIMIT :n
         FOR UPDATE SKIP LOCKED)                 -- PostgreSQL; SQLite runs statements one at a time
     UPDATE outbox SET claimed_by = :relay, lease_until = :now + :lease
-    WHERE id IN (SELECT id FROM outbox WHERE sent_at IS NULL
-                 AND (id IN heads OR msg_key IN heads.msg_key) ORDER BY id LIMIT :n)
+    WHERE id IN (SELECT id FROM outbox WHERE sent_at IS NULL AND id <> ALL(:exclude)
+                 AND (id IN free_heads OR msg_key IN free_heads.msg_key
+                      OR msg_key IN <keys whose head :relay holds under a live lease>
+                      OR <keyless and :relay's under a live lease>)
+                 ORDER BY id LIMIT :n)
     RETURNING …
 
 A relay gets a key's rows only through the key's head, which it must lock (a
 concurrent claimer skips a locked head and so the whole key) and which stays
 leased while the relay works. So two relays never hold rows of one key, and the
-holder has a prefix of the key's rows. Settling statements (``mark_sent``,
+holder has a prefix of the key's rows. Heads the relay already holds are not
+locked (nobody else may take them, and the relay may be marking them sent on
+another connection): the relay gets their keys' later rows, except those in
+``exclude`` (its rows in flight). Settling statements (``mark_sent``,
 ``release``) are single autocommit statements; each operation is retried on
 connection-class errors (a terminated backend, a restart), which is safe
 because each is idempotent for the relay that holds the rows.
@@ -25,7 +32,8 @@ because each is idempotent for the relay that holds the rows.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from operator import attrgetter
 from typing import Any
 
 from sqlalchemy import (
@@ -76,6 +84,12 @@ class SqlOutboxStore:
             return self._t.c.id == any_(bindparam("ids", list(ids), type_=ARRAY(BigInteger)))
         return self._t.c.id.in_(list(ids))
 
+    def _id_set(self, ids: Collection[int], name: str) -> Any:
+        """``ids`` for ``IN``/``NOT IN``: on PostgreSQL one array parameter, unnested so that it is hashed."""
+        if self.postgres:
+            return select(func.unnest(bindparam(name, list(ids), type_=ARRAY(BigInteger))))
+        return list(ids)
+
     # -- writing ------------------------------------------------------------------------
 
     async def add(self, session: Any, entries: Sequence[OutboxEntry]) -> None:
@@ -96,38 +110,49 @@ class SqlOutboxStore:
 
     # -- the relay's operations ----------------------------------------------------------
 
-    def _claim_statement(self, relay: str, limit: int, lease: float, now: float) -> Any:
+    def _claim_statement(
+        self, relay: str, limit: int, lease: float, now: float, exclude: Collection[int] = ()
+    ) -> Any:
         t, now = self._t, float(now)
-        first = t.alias("first")
-        free = or_(t.c.lease_until.is_(None), t.c.lease_until < now, t.c.claimed_by == relay)
-        due = or_(t.c.retry_at.is_(None), t.c.retry_at <= now)
+        first, own, mine = t.alias("first"), t.alias("own"), t.alias("mine")
         # each key's earliest unsent row: one pass over the (msg_key, id) index of unsent rows
         key_heads = (
-            select(func.min(first.c.id))
+            select(func.min(first.c.id).label("id"))
             .where(first.c.sent_at.is_(None), first.c.msg_key.is_not(None))
             .group_by(first.c.msg_key)
+            .cte("key_heads")
         )
-        heads = (
+        # heads under no live lease: locked, so that two claimers never both take a key
+        free_heads = (
             select(t.c.id, t.c.msg_key)
-            .where(t.c.sent_at.is_(None), free, due, or_(t.c.msg_key.is_(None), t.c.id.in_(key_heads)))
+            .where(
+                t.c.sent_at.is_(None),
+                or_(t.c.lease_until.is_(None), t.c.lease_until < now),
+                or_(t.c.retry_at.is_(None), t.c.retry_at <= now),
+                or_(t.c.msg_key.is_(None), t.c.id.in_(select(key_heads.c.id))),
+            )
             .order_by(t.c.id)
             .limit(limit)
             .with_for_update(skip_locked=True, of=t)
-            .cte("heads")
+            .cte("free_heads")
         )
-        mine = t.alias("mine")
-        picked: Select[Any] = (
-            select(mine.c.id)
-            .where(
-                mine.c.sent_at.is_(None),
-                or_(
-                    mine.c.id.in_(select(heads.c.id)),
-                    mine.c.msg_key.in_(select(heads.c.msg_key).where(heads.c.msg_key.is_not(None))),
-                ),
-            )
-            .order_by(mine.c.id)
-            .limit(limit)
+        # heads this relay holds (in flight, or a claim whose commit was lost): nobody else
+        # may take them, so no lock, which the relay may be settling on another connection
+        own_keys = select(own.c.msg_key).where(
+            own.c.id.in_(select(key_heads.c.id)), own.c.claimed_by == relay, own.c.lease_until >= now
         )
+        free_keys = select(free_heads.c.msg_key).where(free_heads.c.msg_key.is_not(None))
+        wanted = [
+            mine.c.sent_at.is_(None),
+            or_(
+                mine.c.id.in_(select(free_heads.c.id)),
+                mine.c.msg_key.in_(free_keys.union_all(own_keys)),
+                and_(mine.c.msg_key.is_(None), mine.c.claimed_by == relay, mine.c.lease_until >= now),
+            ),
+        ]
+        if exclude:  # in flight: leases stay as they are
+            wanted.append(mine.c.id.not_in(self._id_set(exclude, "exclude")))
+        picked: Select[Any] = select(mine.c.id).where(*wanted).order_by(mine.c.id).limit(limit)
         return (
             sql_update(t)
             .where(t.c.id.in_(picked))
@@ -135,13 +160,17 @@ class SqlOutboxStore:
             .returning(*_row_columns(t))
         )
 
-    async def claim(self, relay: str, *, limit: int, lease: float, now: float) -> list[OutboxRow]:
-        statement = self._claim_statement(relay, limit, lease, now)
+    async def claim(
+        self, relay: str, *, limit: int, lease: float, now: float, exclude: Collection[int] = ()
+    ) -> list[OutboxRow]:
+        statement = self._claim_statement(relay, limit, lease, now, exclude)
 
         async def run() -> list[OutboxRow]:
             async with self._auto.connect() as conn:
                 result = await conn.execute(statement)
-                return sorted((_row(r) for r in result), key=lambda r: r.id)
+                rows = [_row(r) for r in result]
+            rows.sort(key=_ID)
+            return rows
 
         return await with_retry(run)
 
@@ -291,16 +320,21 @@ class SqlOutboxStore:
         return watch
 
 
-def _row(r: Any) -> OutboxRow:
+_ID = attrgetter("id")
+
+
+def _row(r: tuple[Any, ...]) -> OutboxRow:
+    """An :class:`OutboxRow` from the values of :func:`_row_columns`, in that order."""
+    row_id, destination, key, headers, body, created_at, deliver_at, attempts = r
     return OutboxRow(
-        id=r.id,
-        destination=r.destination,
-        key=r.msg_key,
-        headers=r.headers,
-        body=bytes(r.body),
-        created_at=r.created_at,
-        deliver_at=r.deliver_at,
-        attempts=r.attempts,
+        id=row_id,
+        destination=destination,
+        key=key,
+        headers=headers,
+        body=body if body.__class__ is bytes else bytes(body),
+        created_at=created_at,
+        deliver_at=deliver_at,
+        attempts=attempts,
     )
 
 
