@@ -24,59 +24,39 @@ another member first, the uncommitted offset is fetched there.
 Revocation: stop handing out the partition's records, wait up to
 ``drain_timeout`` for its in-flight deliveries, commit what finished, release.
 A commit refused because of a rebalance only means "will be redelivered".
+
+A fourth task, the :class:`~meshlink_kafka.watchdog.StallWatchdog`, recreates
+the client when it stopped fetching while the broker holds records for it
+(aiokafka #1154): every partition is released as on a revocation, the old
+client stopped (bounded by ``close_timeout``), a new one joins with the same
+settings, and the loops go on with it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-from typing import Any
 
 import structlog
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import (
-    CommitFailedError,
-    ConsumerStoppedError,
-    IllegalGenerationError,
-    IllegalStateError,
-    KafkaError,
-    RebalanceInProgressError,
-    UnknownMemberIdError,
-)
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import ConsumerStoppedError, KafkaError
 
 from meshlink.errors import TransportClosedError, TransportConnectionError
 from meshlink.transport.base import DeliveryCallback, Subscription, SubscriptionSpec
-from meshlink_kafka.delivery import Item, KafkaDelivery, PartitionState
-from meshlink_kafka.progress import LEDGER, Progress, encode, previous_progress
+from meshlink_kafka.commits import Committer
+from meshlink_kafka.delivery import Item, KafkaDelivery, PartitionState, accept
+from meshlink_kafka.member import Listener, Member
+from meshlink_kafka.progress import Progress, previous_progress
 from meshlink_kafka.scheduler import KeyScheduler
 from meshlink_kafka.settings import KafkaSettings
+from meshlink_kafka.watchdog import StallWatchdog
 
 __all__ = ["KafkaSubscription"]
 
 _log = structlog.get_logger("meshlink.kafka")
-#: Commit errors that mean the group moved on: the records will be redelivered, nothing to fix.
-_REBALANCE_ERRORS = (
-    CommitFailedError,
-    RebalanceInProgressError,
-    IllegalGenerationError,
-    UnknownMemberIdError,
-    IllegalStateError,
-)
 _POLL_MS = 1_000
 _YIELD_EVERY = 64
 _ERROR_BACKOFF = 0.5
-
-
-class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, sub: KafkaSubscription) -> None:
-        self._sub = sub
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self._sub._on_revoked(revoked)
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        await self._sub._on_assigned(assigned)
 
 
 class KafkaSubscription(Subscription):
@@ -89,11 +69,15 @@ class KafkaSubscription(Subscription):
         self._on_delivery = on_delivery
         self._settings = settings
         self._group_id = settings.group_id(spec.destination, spec.group)
-        self._consumer = AIOKafkaConsumer(**settings.consumer_kwargs(self._group_id))
+        self._member = Member(settings, self._group_id, spec.destination, self)
+        self._activity = 0
+        self.watchdog: StallWatchdog | None = None
+        """Recreates a stalled client (``None`` with ``stall_timeout=0``)."""
+        if settings.stall_timeout > 0:
+            self.watchdog = StallWatchdog(self, settings.stall_timeout, settings.request_timeout_ms / 1000)
         self._sched: KeyScheduler[Item] = KeyScheduler()
         self._parts: dict[TopicPartition, PartitionState] = {}
         self._unsettled = 0
-        self._since_commit = 0
         self._paused = False
         self._stopped = False
         self._closed = False
@@ -102,30 +86,35 @@ class KafkaSubscription(Subscription):
         self._room = asyncio.Event()
         self._wake = asyncio.Event()
         self._settled = asyncio.Event()
-        self._commit_now = asyncio.Event()
         self._assigned = asyncio.Event()
-        self._commit_lock = asyncio.Lock()
+        self._committer = Committer(
+            interval=settings.commit_interval,
+            every=settings.commit_every,
+            bootstrap=settings.bootstrap_servers,
+            group_id=self._group_id,
+            client=lambda: self._member.client,
+            parts=self._parts.values,
+            closed=lambda: self._closed,
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._shutdown_task: asyncio.Task[None] | None = None
         self._close_task: asyncio.Task[None] | None = None
-        self._seq = itertools.count()
 
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
         """Join the group; return once the first assignment arrived (possibly empty)."""
-        c = self._consumer
-        c.subscribe([self.spec.destination], listener=_Listener(self))
-        name = f"{self.spec.destination}/{self.spec.group}"
+        name = self._name
         try:
-            async with asyncio.timeout(self._settings.connect_timeout):
-                await c.start()
+            await self._member.start()
             loop = asyncio.get_running_loop()
             self._tasks = [
                 loop.create_task(self._poll_loop(), name=f"kafka-poll:{name}"),
                 loop.create_task(self._dispatch_loop(), name=f"kafka-dispatch:{name}"),
-                loop.create_task(self._commit_loop(), name=f"kafka-commit:{name}"),
+                loop.create_task(self._committer.run(), name=f"kafka-commit:{name}"),
             ]
+            if self.watchdog is not None:
+                self._tasks.append(loop.create_task(self.watchdog.run(), name=f"kafka-watchdog:{name}"))
             join = (self._settings.rebalance_timeout_ms + self._settings.request_timeout_ms) / 1000
             async with asyncio.timeout(join):
                 await self._assigned.wait()
@@ -138,8 +127,22 @@ class KafkaSubscription(Subscription):
             ) from exc
 
     @property
+    def _name(self) -> str:
+        return f"{self.spec.destination}/{self.spec.group}"
+
+    @property
     def paused(self) -> bool:
         return self._paused
+
+    @property
+    def client(self) -> AIOKafkaConsumer:
+        """The current aiokafka consumer (a new one after the watchdog recreated it)."""
+        return self._member.client
+
+    @property
+    def group_id(self) -> str:
+        """The Kafka consumer group id of this subscription."""
+        return self._group_id
 
     async def pause(self) -> None:
         if self._stopped:
@@ -173,25 +176,69 @@ class KafkaSubscription(Subscription):
     async def _close(self) -> None:
         self._stopped = True
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._commit(list(self._parts.values())), self._settings.close_timeout)
+            await asyncio.wait_for(
+                self._committer.commit(list(self._parts.values())), self._settings.close_timeout
+            )
         self._closed = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        try:
-            await asyncio.wait_for(self._consumer.stop(), self._settings.close_timeout)
-        except (TimeoutError, KafkaError) as exc:
-            _log.warning("kafka consumer did not stop cleanly", group=self._group_id, error=repr(exc))
+        await self._member.stop()
         for part in self._parts.values():
             part.active = False
         self._parts.clear()
 
+    # -- stall recovery (driven by the watchdog) -------------------------------------------
+
+    @property
+    def activity(self) -> int:
+        """Bumped by every fetch that returned records, every resume and every assignment."""
+        return self._activity
+
+    def idle_reason(self) -> str | None:
+        """Why the member is not expected to fetch right now, or ``None``."""
+        if self._stopped or self._closed:
+            return "stopped"
+        if self._paused:
+            return "paused"
+        if self._buffer_paused or self._sched.size >= self._settings.max_buffered:
+            return "buffer full"
+        if not self._parts or not self._member.client.assignment():
+            return "no partitions"
+        if any(part.draining for part in self._parts.values()):
+            return "rebalancing"
+        return None
+
+    def positions(self) -> dict[TopicPartition, int]:
+        """Assigned partitions and the offset after the last record taken (-1: none yet)."""
+        return {tp: part.next_offset for tp, part in self._parts.items()}
+
+    async def replace_client(self) -> None:
+        """Recreate the aiokafka consumer: release every partition as on a revocation (in-flight
+        deliveries get ``drain_timeout``, then stay uncommitted and are redelivered), stop the old
+        client (bounded), join with a new one and go on polling with it."""
+        if self._stopped:
+            return
+        self._member.retire()  # the old client's rebalances no longer touch our state
+        poll = self._tasks[0]
+        poll.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await poll
+        await self._release(list(self._parts.values()))
+        self._fetch_paused = self._buffer_paused = False
+        await self._member.replace()
+        self._activity += 1
+        self._room.set()
+        self._tasks[0] = asyncio.get_running_loop().create_task(
+            self._poll_loop(), name=f"kafka-poll:{self._name}"
+        )
+
     # -- poll loop ---------------------------------------------------------------------
 
     async def _poll_loop(self) -> None:
-        c = self._consumer
+        c = self._member.client
         max_records = self._settings.max_poll_records
         # While the buffer is full the poll is held rather than the partitions paused: pausing
         # makes aiokafka drop what it prefetched. Only a hold longer than half the poll interval
@@ -202,6 +249,7 @@ class KafkaSubscription(Subscription):
                 self._room.clear()
                 try:
                     await asyncio.wait_for(self._room.wait(), hold)
+                    self._activity += 1
                     continue
                 except TimeoutError:
                     self._buffer_paused = True
@@ -215,40 +263,23 @@ class KafkaSubscription(Subscription):
                 _log.warning("kafka fetch failed; retrying", group=self._group_id, error=repr(exc))
                 await asyncio.sleep(_ERROR_BACKOFF)
                 continue
-            if batches:
-                self._accept(batches)
-
-    def _accept(self, batches: dict[TopicPartition, list[Any]]) -> None:
-        sched = self._sched
-        for tp, records in batches.items():
-            part = self._parts.get(tp)
-            if part is None or part.draining or self._stopped:
-                continue
-            tracker = part.tracker
-            upto = part.redelivered_upto
-            skip = part.skip
-            for rec in records:
-                offset = rec.offset
-                if offset < part.next_offset:
-                    continue
-                part.next_offset = offset + 1
-                tracker.add(offset)
-                if skip and offset in skip:
-                    tracker.done(offset)  # a previous owner finished it: never run it twice
-                    continue
-                sched.add(Item(rec, part, offset <= upto))
-        self._wake.set()
+            if batches and not self._stopped:
+                self._activity += 1
+                accept(batches, self._parts, self._sched)
+                self._wake.set()
 
     def _apply_fetch_pause(self) -> None:
         """Pause every assigned partition while paused, stopped, or the buffer stayed full too long."""
         if self._closed:
             return
         want = self._paused or self._stopped or self._buffer_paused
-        assignment = self._consumer.assignment()
+        client = self._member.client
+        assignment = client.assignment()
         if want:
-            self._consumer.pause(*assignment)
+            client.pause(*assignment)
         elif self._fetch_paused:
-            self._consumer.resume(*assignment)
+            client.resume(*assignment)
+            self._activity += 1
         self._fetch_paused = want
 
     # -- dispatch ------------------------------------------------------------------------
@@ -294,80 +325,35 @@ class KafkaSubscription(Subscription):
         part = item.part
         self._unsettled -= 1
         part.inflight -= 1
-        if self._closed or not part.active:
-            return  # link gone: the uncommitted offset is redelivered by the broker
+        if not self._closed and part.active:
+            self._settle_live(item, done=done)
+        # link gone otherwise: the uncommitted offset is redelivered by the broker
+        if self._stopped and self._unsettled == 0 and self._shutdown_task is None and not self._closed:
+            self._shutdown_task = asyncio.get_running_loop().create_task(self.close())
+
+    def _settle_live(self, item: Item, *, done: bool) -> None:
+        part = item.part
         if done:
             part.tracker.done(item.offset)
             if not part.draining:
                 self._sched.release(item)
-            self._since_commit += 1
-            if self._since_commit >= self._settings.commit_every:
-                self._commit_now.set()
+            self._committer.settled()
         elif not part.draining and not self._stopped:
             item.count += 1
             self._sched.requeue(item)
         self._settled.set()
         self._wake.set()
-        if self._stopped and self._unsettled == 0 and self._shutdown_task is None:
-            self._shutdown_task = asyncio.get_running_loop().create_task(self.close())
-
-    # -- commits -------------------------------------------------------------------------
-
-    async def _commit_loop(self) -> None:
-        interval = self._settings.commit_interval
-        while not self._closed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._commit_now.wait(), interval)
-            self._commit_now.clear()
-            await self._commit(list(self._parts.values()))
-
-    async def _commit(self, parts: list[PartitionState]) -> None:
-        """Commit each partition's settled position, with the handed-out mark as metadata."""
-        async with self._commit_lock:
-            if self._closed:
-                return
-            assignment = self._consumer.assignment()
-            offsets: dict[TopicPartition, tuple[int, str]] = {}
-            marks: dict[TopicPartition, tuple[int, int, int]] = {}
-            for part in parts:
-                pos = part.tracker.position
-                if pos is None or part.tp not in assignment:
-                    continue
-                ahead = part.tracker.done_ahead()
-                mark = (pos, part.handed_out, len(ahead))
-                if mark == part.committed:
-                    continue
-                progress = Progress(part.handed_out, ahead)
-                offsets[part.tp] = (pos, encode(pos, progress))
-                marks[part.tp] = mark
-                LEDGER[(self._settings.bootstrap_servers, self._group_id, part.tp)] = progress
-            if not offsets:
-                return
-            self._since_commit = 0
-            try:
-                await self._consumer.commit(offsets)
-            except _REBALANCE_ERRORS as exc:
-                _log.info(
-                    "kafka commit refused by a rebalance; records will be redelivered",
-                    group=self._group_id,
-                    error=repr(exc),
-                )
-                return
-            except KafkaError as exc:
-                _log.warning(
-                    "kafka commit failed; retried at the next commit", group=self._group_id, error=repr(exc)
-                )
-                return
-            for part in parts:
-                if part.tp in marks:
-                    part.committed = marks[part.tp]
 
     # -- rebalance ------------------------------------------------------------------------
 
-    async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Rebalance: release ``revoked`` (see :meth:`_release`)."""
+        await self._release([p for tp in revoked if (p := self._parts.get(tp)) is not None])
+
+    async def _release(self, parts: list[PartitionState]) -> None:
+        """Stop handing out, wait up to drain_timeout for in-flight deliveries, commit, release."""
         if self._closed:
             return
-        parts = [p for tp in revoked if (p := self._parts.get(tp)) is not None]
         for part in parts:
             part.draining = True
             self._sched.drop_partition(part.tp)
@@ -380,7 +366,8 @@ class KafkaSubscription(Subscription):
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._settled.wait(), remaining)
-        await self._commit(parts)
+        with contextlib.suppress(TimeoutError):  # the client may be the stuck one: bounded
+            await asyncio.wait_for(self._committer.commit(parts), self._settings.close_timeout)
         for part in parts:
             part.active = False
             self._parts.pop(part.tp, None)
@@ -392,10 +379,14 @@ class KafkaSubscription(Subscription):
                 )
         self._wake.set()
 
-    async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+    async def on_assigned(self, assigned: set[TopicPartition], listener: Listener) -> None:
+        """Rebalance: take ``assigned``, with what earlier owners did past the committed offsets."""
         previous = await previous_progress(
-            self._consumer, self._settings.bootstrap_servers, self._group_id, assigned
+            self._member.client, self._settings.bootstrap_servers, self._group_id, assigned
         )
+        if listener.retired or self._closed:
+            return  # the client was replaced meanwhile
+        self._activity += 1
         for tp in assigned:
             if tp not in self._parts:
                 self._parts[tp] = PartitionState(tp, previous.get(tp, Progress()))

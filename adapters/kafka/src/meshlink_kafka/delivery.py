@@ -11,7 +11,7 @@ within one consumer is always flagged and counted.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiokafka import TopicPartition
 
@@ -23,7 +23,7 @@ from meshlink_kafka.tracker import OffsetTracker
 if TYPE_CHECKING:
     from meshlink_kafka.consumer import KafkaSubscription
 
-__all__ = ["Item", "KafkaDelivery", "PartitionState", "message_of"]
+__all__ = ["Item", "KafkaDelivery", "PartitionState", "accept", "message_of"]
 
 
 class PartitionState:
@@ -80,6 +80,38 @@ class Item:
         """Earlier deliveries of this record by this consumer (nacks)."""
         self.flagged = flagged
         """A previous owner of the partition handed this record out (count unknown)."""
+
+
+class _Buffer(Protocol):
+    def add(self, item: Item) -> None: ...
+
+
+def accept(
+    batches: dict[TopicPartition, list[Any]], parts: dict[TopicPartition, PartitionState], buffer: _Buffer
+) -> None:
+    """Fetched records into their partition's tracker and the buffer of records to hand out.
+
+    Records of partitions not (or no longer) taken are dropped, as are records
+    the client repeats; a record a previous owner settled for good is marked
+    done at once and never handed out again.
+    """
+    for tp, records in batches.items():
+        part = parts.get(tp)
+        if part is None or part.draining:
+            continue
+        tracker = part.tracker
+        upto = part.redelivered_upto
+        skip = part.skip
+        for rec in records:
+            offset = rec.offset
+            if offset < part.next_offset:
+                continue
+            part.next_offset = offset + 1
+            tracker.add(offset)
+            if skip and offset in skip:
+                tracker.done(offset)  # a previous owner finished it: never run it twice
+                continue
+            buffer.add(Item(rec, part, offset <= upto))
 
 
 def message_of(record: Any) -> Message:

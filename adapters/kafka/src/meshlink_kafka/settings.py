@@ -108,6 +108,9 @@ class KafkaSettings:
     """Commit early once this many deliveries were settled since the last commit."""
     drain_timeout: float = 10.0
     """Seconds a revoked partition's in-flight deliveries may take to settle before release."""
+    stall_timeout: float = 60.0
+    """Seconds between stall checks: a member that fetched nothing between two checks while the
+    broker reports lag is recreated (aiokafka #1154); ``0`` turns the watchdog off."""
 
     group_id_format: str = "{group}.{destination}"
     """Kafka group id of a meshlink group; ``{group}`` alone shares one Kafka group across topics."""
@@ -248,6 +251,11 @@ class KafkaSettings:
         ):
             need(getattr(self, name) > 0, name, "must be > 0 seconds")
         need(self.linger_ms >= 0, "linger_ms", "must be >= 0")
+        need(
+            self.stall_timeout == 0 or self.stall_timeout * 1000 > self.fetch_max_wait_ms,
+            "stall_timeout",
+            "must be 0 (off) or more seconds than fetch_max_wait_ms, or a healthy fetch looks stalled",
+        )
         need(self.fetch_max_wait_ms >= 0, "fetch_max_wait_ms", "must be >= 0")
         need(self.compression_type in _COMPRESSION, "compression_type", f"must be one of {_COMPRESSION}")
         if self.compression_type is not None:
