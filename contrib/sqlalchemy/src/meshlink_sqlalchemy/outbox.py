@@ -46,6 +46,7 @@ from sqlalchemy import (
     any_,
     bindparam,
     delete,
+    exists,
     func,
     insert,
     literal,
@@ -113,46 +114,54 @@ class SqlOutboxStore:
     def _claim_statement(
         self, relay: str, limit: int, lease: float, now: float, exclude: Collection[int] = ()
     ) -> Any:
+        """One statement: lock the first free rows, keep those whose key has nothing earlier
+        in someone else's way, lease them to ``relay``.
+
+        A row may be claimed when every earlier unsent row of its key is either locked by
+        this statement too or held by this relay (in flight: the relay publishes a key's
+        rows in order and only after the earlier ones are confirmed). The rows are found
+        from the head of the unsent-id index (``LIMIT`` rows, skipping locked ones) and
+        each is checked by one probe of the (key, id) index of unsent rows, so a claim
+        costs the same whatever the backlog behind it (a scan of every unsent row per
+        claim made the relay slower the more it had to do).
+        """
         t, now = self._t, float(now)
-        first, own, mine = t.alias("first"), t.alias("own"), t.alias("mine")
-        # each key's earliest unsent row: one pass over the (msg_key, id) index of unsent rows
-        key_heads = (
-            select(func.min(first.c.id).label("id"))
-            .where(first.c.sent_at.is_(None), first.c.msg_key.is_not(None))
-            .group_by(first.c.msg_key)
-            .cte("key_heads")
-        )
-        # heads under no live lease: locked, so that two claimers never both take a key
-        free_heads = (
+        earlier = t.alias("earlier")
+        free = [
+            t.c.sent_at.is_(None),
+            # under no live lease, or leased to this relay and not in flight (a claim whose
+            # answer was lost): taken again, else its key would wait for the lease to expire
+            or_(t.c.lease_until.is_(None), t.c.lease_until < now, t.c.claimed_by == relay),
+            or_(t.c.retry_at.is_(None), t.c.retry_at <= now),
+        ]
+        if exclude:  # in flight: leases stay as they are
+            free.append(t.c.id.not_in(self._id_set(exclude, "exclude")))
+        # locked, so that two claimers never both take a row; SKIP LOCKED: another claimer's
+        # rows (and rows being marked sent) are passed over, and then block their keys below
+        locked = (
             select(t.c.id, t.c.msg_key)
-            .where(
-                t.c.sent_at.is_(None),
-                or_(t.c.lease_until.is_(None), t.c.lease_until < now),
-                or_(t.c.retry_at.is_(None), t.c.retry_at <= now),
-                or_(t.c.msg_key.is_(None), t.c.id.in_(select(key_heads.c.id))),
-            )
+            .where(*free)
             .order_by(t.c.id)
             .limit(limit)
             .with_for_update(skip_locked=True, of=t)
-            .cte("free_heads")
+            .cte("locked")
         )
-        # heads this relay holds (in flight, or a claim whose commit was lost): nobody else
-        # may take them, so no lock, which the relay may be settling on another connection
-        own_keys = select(own.c.msg_key).where(
-            own.c.id.in_(select(key_heads.c.id)), own.c.claimed_by == relay, own.c.lease_until >= now
-        )
-        free_keys = select(free_heads.c.msg_key).where(free_heads.c.msg_key.is_not(None))
-        wanted = [
-            mine.c.sent_at.is_(None),
+        held_elsewhere = and_(
+            earlier.c.msg_key == locked.c.msg_key,
+            earlier.c.id < locked.c.id,
+            earlier.c.sent_at.is_(None),
+            earlier.c.id.not_in(select(locked.c.id)),
+            # not this relay's own live lease (written so that NULLs count as "not held")
             or_(
-                mine.c.id.in_(select(free_heads.c.id)),
-                mine.c.msg_key.in_(free_keys.union_all(own_keys)),
-                and_(mine.c.msg_key.is_(None), mine.c.claimed_by == relay, mine.c.lease_until >= now),
+                earlier.c.claimed_by.is_(None),
+                earlier.c.claimed_by != relay,
+                earlier.c.lease_until.is_(None),
+                earlier.c.lease_until < now,
             ),
-        ]
-        if exclude:  # in flight: leases stay as they are
-            wanted.append(mine.c.id.not_in(self._id_set(exclude, "exclude")))
-        picked: Select[Any] = select(mine.c.id).where(*wanted).order_by(mine.c.id).limit(limit)
+        )
+        picked: Select[Any] = select(locked.c.id).where(
+            or_(locked.c.msg_key.is_(None), ~exists(select(earlier.c.id).where(held_elsewhere)))
+        )
         return (
             sql_update(t)
             .where(t.c.id.in_(picked))
