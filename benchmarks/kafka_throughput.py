@@ -16,9 +16,9 @@ Raw aiokafka: a producer with ``acks=all`` sending the same windows (every send
 of a window handed to the client, then the window's futures gathered); a
 consumer in a fresh group that decodes every 256-byte JSON body into the same
 pydantic model and commits once per fetched batch. A second raw line,
-"raw+env", also sends / rebuilds meshlink's envelope headers
-(``Message.to_headers`` / ``Message.from_headers``), to show how much of the
-difference is the wire format rather than the transport.
+"raw+env", also builds and sends / rebuilds meshlink's envelope (``codec.envelope``
+and ``Message.header_pairs`` / ``Message.from_headers``, as the adapter does), to
+show how much of the difference is the wire format rather than the transport.
 
 Every side uses 3 partitions, the same keys (1,000 distinct) and the same
 consumer settings. Each round runs every side on fresh, uniquely named topics,
@@ -57,6 +57,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from pydantic import BaseModel
 
 from meshlink import Mesh, Message, Outgoing, Retry
+from meshlink.codec import envelope as envelope_of
 from meshlink.logs import configure
 from meshlink_kafka import KafkaTransport
 
@@ -171,12 +172,14 @@ async def run_raw(
             for chunk in windows(orders, args.window):
                 futures = []
                 for order in chunk:
-                    body = order.model_dump_json().encode()
                     key = order.customer
                     headers = None
                     if envelope:
-                        msg = Message(body=body, type="Order", source="bench", key=key)
-                        headers = [(k, v.encode()) for k, v in msg.to_headers().items()]
+                        msg = envelope_of(order, source="bench", key=key)
+                        body = msg.body
+                        headers = msg.header_pairs()
+                    else:
+                        body = order.model_dump_json().encode()
                     futures.append(await producer.send(topic, body, key=key.encode(), headers=headers))
                 await asyncio.gather(*futures)
 
@@ -191,7 +194,7 @@ async def run_raw(
                     for rec in records:
                         if envelope:
                             key = rec.key.decode() if rec.key is not None else None
-                            message = Message.from_headers(dict(rec.headers), rec.value, key=key)
+                            message = Message.from_headers(rec.headers, rec.value, key=key)
                             Order.model_validate_json(message.body)
                         else:
                             Order.model_validate_json(rec.value)
