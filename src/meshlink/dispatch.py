@@ -138,9 +138,13 @@ class Dispatcher:
         if key is not None:
             self._key_tails[key] = task
             self._task_keys[task] = key
-        task.add_done_callback(self._finished)
 
-    def _finished(self, task: asyncio.Task[None]) -> None:
+    def _finished(self, task: asyncio.Task[None] | None) -> None:
+        """Forget a delivery's task: called as its last step (not as a done callback, which
+        costs an event-loop callback per message), and by drain() for tasks cancelled
+        before they ever ran."""
+        if task is None:
+            return
         self.tasks.discard(task)
         self._settling.discard(task)
         key = self._task_keys.pop(task, None)
@@ -201,6 +205,8 @@ class Dispatcher:
         except asyncio.CancelledError:
             await self.recoverability.give_back(ctx, "stopped while running")
             raise
+        finally:
+            self._finished(asyncio.current_task())
 
     async def _failed(self, ctx: Context, exc: Exception) -> None:
         self._enter_settling()
@@ -250,4 +256,6 @@ class Dispatcher:
             task.cancel()
         if pending:
             await asyncio.wait(pending)
+        for task in [t for t in self.tasks if t.done()]:  # cancelled before their first step
+            self._finished(task)
         return len(cancelled)
