@@ -71,13 +71,19 @@ class SqlOutboxStore:
     Args:
         engine: the async engine (``postgresql+asyncpg`` or ``sqlite+aiosqlite``).
         tables: the tables to use (:func:`~meshlink_sqlalchemy.tables.build_tables`).
+        relay_engine: an engine for the relay's own operations (claim, mark, release,
+            stats…), e.g. one without ``pool_pre_ping`` (see :class:`SqlStores`);
+            ``engine`` by default.
     """
 
-    def __init__(self, engine: AsyncEngine, tables: Tables) -> None:
+    def __init__(
+        self, engine: AsyncEngine, tables: Tables, *, relay_engine: AsyncEngine | None = None
+    ) -> None:
         self.engine = engine
         self.tables = tables
         self.postgres = engine.dialect.name == "postgresql"
-        self._auto = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.relay_engine = relay_engine or engine
+        self._auto = self.relay_engine.execution_options(isolation_level="AUTOCOMMIT")
         self._t = tables.outbox
 
     def _ids_match(self, ids: Sequence[int]) -> ColumnElement[bool]:
@@ -218,7 +224,7 @@ class SqlOutboxStore:
 
         async def run() -> list[int]:
             moved: list[int] = []
-            async with self.engine.begin() as conn:
+            async with self.relay_engine.begin() as conn:
                 for f in failures:  # rare path: one statement per failed row is fine
                     result = await conn.execute(
                         sql_update(t)

@@ -191,3 +191,20 @@ async def test_a_relay_killed_mid_batch_loses_nothing_and_the_inbox_applies_each
         await stores.drop()
         await stores.close()
         await delete_topology(rabbit_url, mesh.transport)
+
+
+async def test_the_relay_has_its_own_pool_without_pre_ping_and_the_application_keeps_pre_ping(
+    pg_url: str,
+) -> None:
+    """The relay's operations retry lost connections themselves; the application's engine pings."""
+    stores = SqlStores(pg_url)
+    try:
+        relay_engine = stores.outbox.relay_engine
+        assert relay_engine is not stores.engine
+        assert stores.engine.sync_engine.pool._pre_ping
+        assert not relay_engine.sync_engine.pool._pre_ping
+        await stores.init()
+        assert (await stores.outbox.stats(now=0)).pending == 0  # the relay's engine works
+        await stores.drop()
+    finally:
+        await stores.close()
