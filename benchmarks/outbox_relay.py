@@ -140,7 +140,11 @@ async def throughput(broker: str, n: int, batch: int) -> dict[str, Any]:
                 if confirmed >= n:
                     all_confirmed.set()
 
-        event.listen(stores.engine.sync_engine, "before_cursor_execute", count)
+        # every engine the relay may use: the store's own pool for relay operations, and the
+        # application engine (LISTEN connection, and the relay's operations if they shared it)
+        engines = {stores.engine.sync_engine, stores.outbox.relay_engine.sync_engine}
+        for engine in engines:
+            event.listen(engine, "before_cursor_execute", count)
         relay = Relay(stores.outbox, publisher, batch_size=batch, poll_interval="50ms", emit=on_event)
         started = time.perf_counter()
         await relay.start()
@@ -150,7 +154,8 @@ async def throughput(broker: str, n: int, batch: int) -> dict[str, Any]:
         out["relay_end_to_end_msg_s"] = n / (time.perf_counter() - started)
         out["relay_vs_direct"] = out["relay_msg_s"] / out["direct_msg_s"]
         await relay.stop()
-        event.remove(stores.engine.sync_engine, "before_cursor_execute", count)
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", count)
         out["statements_per_msg"] = statements / n
         out["statements"] = statements
         await sink.done.wait()
