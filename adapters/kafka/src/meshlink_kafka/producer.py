@@ -130,7 +130,7 @@ class Producer:
                                 fut = await self._live(record).send(
                                     record.topic, record.value, key=record.key, headers=record.headers
                                 )
-                            except (KafkaError, PublishError) as exc:
+                            except Exception as exc:  # the caller's outcome, not the flusher's
                                 if not acked.done():
                                     acked.set_exception(exc)
                             else:
@@ -182,8 +182,8 @@ def _pass_on(acked: asyncio.Future[object], fut: asyncio.Future[object]) -> None
         if not fut.cancelled():
             fut.exception()  # retrieved: nobody waits for it any more
         return
-    if fut.cancelled():
-        acked.cancel()
+    if fut.cancelled():  # the client dropped it (stopping): the outcome is unknown, not a cancel
+        acked.set_exception(PublishTimeoutError("kafka producer stopped before the broker answered"))
     elif (exc := fut.exception()) is not None:
         acked.set_exception(exc)
     else:
