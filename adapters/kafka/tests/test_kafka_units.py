@@ -1,8 +1,11 @@
-"""Broker-free behaviour: settings validation, the offset tracker, the key scheduler, progress metadata."""
+"""Broker-free behaviour: settings validation, the offset tracker, the key scheduler, progress metadata,
+a client's stop under cancellation."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -10,6 +13,7 @@ from meshlink.errors import ConfigurationError
 from meshlink.transport.registry import transport_from_url
 from meshlink_kafka import KafkaSettings, KafkaTransport
 from meshlink_kafka.delay import TIERS, tier_topic
+from meshlink_kafka.member import Member
 from meshlink_kafka.progress import MAX_METADATA, Progress, decode, encode
 from meshlink_kafka.scheduler import KeyScheduler
 from meshlink_kafka.tracker import OffsetTracker
@@ -173,3 +177,40 @@ def test_delay_goes_to_the_smallest_tier_not_shorter() -> None:
     assert tier_topic("d", 1.0) == "d.1s"
     assert tier_topic("d", 1.01) == "d.5s"
     assert tier_topic("d", 10 * TIERS[-1]) == f"d.{TIERS[-1]}s"
+
+
+# -- a consumer client's stop, when its caller is cancelled ----------------------------------
+
+
+class _StoppingClient:
+    """A consumer client whose stop takes until the test lets it finish."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.started = asyncio.Event()
+        self.finished = False
+
+    async def stop(self) -> None:
+        self.started.set()
+        await self.release.wait()
+        self.finished = True
+
+
+class _NoRebalance:
+    async def on_revoked(self, revoked: set[Any]) -> None: ...
+
+    async def on_assigned(self, assigned: set[Any], listener: Any) -> None: ...
+
+
+async def test_a_client_stop_is_finished_even_when_its_caller_is_cancelled() -> None:
+    """aiokafka marks a consumer closed before it stops: one stop cut short is never finished."""
+    member = Member(KafkaSettings(bootstrap_servers="127.0.0.1:1"), "g", "t", _NoRebalance())
+    client = _StoppingClient()
+    stopping = asyncio.ensure_future(member._stop(client))  # type: ignore[arg-type]
+    await client.started.wait()
+    stopping.cancel()
+    await asyncio.sleep(0)
+    client.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await stopping
+    assert client.finished

@@ -11,6 +11,7 @@ the brokers are down, aiokafka #659).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Protocol
 
 import structlog
@@ -97,7 +98,15 @@ class Member:
         self.retiring = None
 
     async def _stop(self, client: AIOKafkaConsumer) -> None:
+        # Shielded from our caller's cancellation (a close landing during a swap): aiokafka marks
+        # a consumer closed first, so a stop cut short would never be finished by a second one.
+        stopping = asyncio.ensure_future(client.stop())
         try:
-            await asyncio.wait_for(client.stop(), self._settings.close_timeout)
+            await asyncio.wait_for(asyncio.shield(stopping), self._settings.close_timeout)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(stopping, self._settings.close_timeout)
+            raise
         except (TimeoutError, KafkaError) as exc:
+            stopping.cancel()
             _log.warning("kafka consumer did not stop cleanly", group=self._group_id, error=repr(exc))
