@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from meshlink import Context, Event, Mesh
 from meshlink.outbox import Relay
 from meshlink.saga import Command, Saga, SagaCoordinator, SagaStatus, SagaStepChanged
+from meshlink.transport import MemoryTransport
 from meshlink_sqlalchemy import SqlSagaInstanceStore, SqlStores
 
 
@@ -147,16 +148,24 @@ async def test_two_coordinator_replicas_share_the_store(pg_stores: SqlStores, me
 async def test_a_restarted_coordinator_finishes_what_the_first_one_left(
     stores: SqlStores, memory_url: str
 ) -> None:
-    partners = Participants(memory_url)
-    first, c1 = coordinator_mesh(memory_url, stores)
-    async with first:
-        async with partners.mesh:
-            pass  # the participants' queues exist; the services themselves are down
-        # so the sagas wait for the hotel's reply
-        ids = [await c1.start("trip", Trip(trip_id=f"w{i}", price=50)) for i in range(5)]
-        waiting = [await c1.get(i) for i in ids]
-        assert all(w is not None and w.waiting for w in waiting)
-    second, _ = coordinator_mesh(memory_url, stores)
-    async with partners.mesh, second:
-        await wait_finished(stores, ids, second)
+    # The broker outlives the services, as a real one does: a memory:// broker lives while one
+    # of its transports is open, and without this one it (and the queued commands) could go
+    # between the first coordinator's stop and the participants' start.
+    broker = MemoryTransport(memory_url)
+    await broker.connect()
+    try:
+        partners = Participants(memory_url)
+        first, c1 = coordinator_mesh(memory_url, stores)
+        async with first:
+            async with partners.mesh:
+                pass  # the participants' queues exist; the services themselves are down
+            # so the sagas wait for the hotel's reply
+            ids = [await c1.start("trip", Trip(trip_id=f"w{i}", price=50)) for i in range(5)]
+            waiting = [await c1.get(i) for i in ids]
+            assert all(w is not None and w.waiting for w in waiting)
+        second, _ = coordinator_mesh(memory_url, stores)
+        async with partners.mesh, second:
+            await wait_finished(stores, ids, second)
+    finally:
+        await broker.close()
     assert all(partners.done[f"pay:w{i}"] == 1 for i in range(5))
