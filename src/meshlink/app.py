@@ -19,7 +19,7 @@ from meshlink.handler import HandlerSpec, UserHandler, inspect_handler
 from meshlink.logs import redact_url
 from meshlink.message import Message
 from meshlink.pipeline import Middleware
-from meshlink.resilience.breaker import Breaker, CircuitBreaker
+from meshlink.resilience.breaker import Breaker, CircuitBreaker, shared_breaker
 from meshlink.resilience.bulkhead import Bulkhead
 from meshlink.resilience.defaults import DEFAULTS, UNSET, Policies, Unset, resolve
 from meshlink.resilience.idempotency import Idempotency
@@ -300,7 +300,14 @@ class Mesh:
             for spec in self.handlers:
                 await self.transport.declare(spec.dead_letter, DEAD_LETTER_GROUP)
             for spec in self.handlers:
-                dispatcher = Dispatcher(self, spec, self.middleware, breaker=self._breaker_for(spec))
+                dispatcher = Dispatcher(
+                    self,
+                    spec,
+                    self.middleware,
+                    breaker=shared_breaker(
+                        self.breakers, spec.policies.breaker, spec.name, clock=self.clock, emit=self.emit
+                    ),
+                )
                 self.dispatchers.append(dispatcher)
                 await dispatcher.start()
             for breaker in self.breakers.values():
@@ -342,20 +349,6 @@ class Mesh:
         _log.info("mesh stopped", service=self.service, cancelled_in_flight=cancelled)
         for hook in self._on_stop:
             await hook()
-
-    def _breaker_for(self, spec: HandlerSpec) -> CircuitBreaker | None:
-        config = spec.policies.breaker
-        if config is None:
-            return None
-        name = config.name or spec.name
-        existing = self.breakers.get(name)
-        if existing is not None:
-            if existing.config != config:
-                raise ConfigurationError("breaker", f"breaker {name!r} is declared twice with other settings")
-            return existing
-        breaker = CircuitBreaker(config, name=name, clock=self.clock, emit=self.emit)
-        self.breakers[name] = breaker
-        return breaker
 
     @property
     def started(self) -> bool:

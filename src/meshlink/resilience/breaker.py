@@ -33,7 +33,7 @@ from meshlink.events import BreakerStateChanged, Event
 from meshlink.pipeline import Handler
 from meshlink.resilience.policy import parse_duration
 
-__all__ = ["Breaker", "CircuitBreaker", "Pausable"]
+__all__ = ["Breaker", "CircuitBreaker", "Pausable", "shared_breaker"]
 
 T = TypeVar("T")
 CLOSED, OPEN, HALF_OPEN = pybreaker.STATE_CLOSED, pybreaker.STATE_OPEN, pybreaker.STATE_HALF_OPEN
@@ -267,3 +267,25 @@ class CircuitBreaker:
             f"CircuitBreaker({self.name!r}, opens after {self.config.failures} failures, "
             f"half-open after {self._reset:g}s{', shared via Redis' if self._shared else ''})"
         )
+
+
+def shared_breaker(
+    breakers: dict[str, CircuitBreaker],
+    config: Breaker | None,
+    handler: str,
+    *,
+    clock: Clock,
+    emit: Callable[[Event], None],
+) -> CircuitBreaker | None:
+    """The breaker of a handler from a mesh's registry ``breakers``: one per name (the
+    handler's unless ``config.name`` is given), shared by every handler that names it."""
+    if config is None:
+        return None
+    name = config.name or handler
+    existing = breakers.get(name)
+    if existing is not None:
+        if existing.config != config:
+            raise ConfigurationError("breaker", f"breaker {name!r} is declared twice with other settings")
+        return existing
+    breaker = breakers[name] = CircuitBreaker(config, name=name, clock=clock, emit=emit)
+    return breaker
