@@ -47,12 +47,32 @@ class Timeout:
         """Await ``fn(*args)``; cancel it and raise HandlerTimeoutError past the deadline."""
         clock = clock or self.clock
         if clock is None or isinstance(clock, SystemClock):
-            try:
-                async with asyncio.timeout(self.seconds):
-                    return await fn(*args)
-            except TimeoutError as exc:
-                raise self._error() from exc
+            return await self._run_on_loop(fn, *args)
         return await self._run_on(clock, fn, *args)
+
+    async def _run_on_loop(self, fn: Callable[..., Awaitable[T]], *args: object) -> T:
+        """The system clock: the try is entered in this loop's ledger (one timer for all tries)."""
+        loop = asyncio.get_running_loop()
+        ledger = self._ledgers.get(loop)
+        if ledger is None:
+            ledger = self._ledgers[loop] = _Deadlines(loop, self.seconds)
+        task = asyncio.current_task()
+        assert task is not None
+        token = ledger.enter(task)
+        try:
+            result = await fn(*args)
+        except asyncio.CancelledError as exc:
+            # ours, and nobody else's (a drain's cancel must still propagate)
+            if ledger.leave(token) and task.uncancel() == 0:
+                raise self._error() from exc
+            raise
+        except BaseException:
+            if ledger.leave(token):
+                task.uncancel()  # the try turned our cancel into another outcome
+            raise
+        if ledger.leave(token):
+            task.uncancel()  # the try swallowed our cancel and finished
+        return result
 
     async def _run_on(self, clock: Clock, fn: Callable[..., Awaitable[T]], *args: object) -> T:
         task = asyncio.current_task()
@@ -79,34 +99,12 @@ class Timeout:
         return HandlerTimeoutError(f"handler exceeded its {self.seconds:g}s timeout")
 
     def __call__(self, next_: Handler) -> Handler:
-        seconds = self.seconds
-
         async def timed(ctx: Context) -> None:
             clock = ctx.clock
-            if not isinstance(clock, SystemClock):
-                await self._run_on(clock, next_, ctx)
-                return
-            loop = asyncio.get_running_loop()
-            ledger = self._ledgers.get(loop)
-            if ledger is None:
-                ledger = self._ledgers[loop] = _Deadlines(loop, seconds)
-            task = asyncio.current_task()
-            assert task is not None
-            token = ledger.enter(task)
-            try:
-                await next_(ctx)
-            except asyncio.CancelledError as exc:
-                # ours, and nobody else's (a drain's cancel must still propagate)
-                if ledger.leave(token) and task.uncancel() == 0:
-                    raise self._error() from exc
-                raise
-            except BaseException:
-                if ledger.leave(token):
-                    task.uncancel()  # the try turned our cancel into another outcome
-                raise
+            if isinstance(clock, SystemClock):
+                await self._run_on_loop(next_, ctx)
             else:
-                if ledger.leave(token):
-                    task.uncancel()  # the try swallowed our cancel and finished
+                await self._run_on(clock, next_, ctx)
 
         return timed
 
