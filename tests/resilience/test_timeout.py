@@ -110,3 +110,20 @@ async def test_a_try_that_ends_in_time_leaves_nothing_for_the_timer() -> None:
     (ledger,) = timeout._ledgers.values()
     assert not ledger._running
     assert not ledger._expired
+
+
+async def test_run_wraps_any_coroutine_function_with_the_same_deadline() -> None:
+    async def hangs() -> None:
+        await asyncio.Event().wait()
+
+    async def quick(x: int) -> int:
+        await asyncio.sleep(0)
+        return x * 2
+
+    timeout = Timeout(0.05)
+    assert await timeout.run(quick, 21) == 42
+    with pytest.raises(HandlerTimeoutError):
+        await timeout.run(hangs)
+    task = asyncio.current_task()
+    assert task is not None
+    assert task.cancelling() == 0
