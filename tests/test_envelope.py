@@ -29,8 +29,21 @@ def test_wire_headers_use_cloudevents_binary_names() -> None:
     assert h["content-type"] == "application/json"
     assert h["correlation-id"] == "c"
     assert h["causation-id"] == "k"
-    assert h["idempotency-key"] == m.id
     assert h["attempt"] == "2"
+
+
+def test_headers_that_repeat_their_default_stay_off_the_wire() -> None:
+    """idempotency-key = ce_id, attempt 1, no correlation or causation: none is sent, and a
+    reader restores each default (the message reads back equal)."""
+    m = Message(body=b"{}", type="T", source="svc")
+    for names in (set(m.to_headers()), {k for k, _ in m.header_pairs()}):
+        assert names == {"ce_specversion", "ce_id", "ce_type", "ce_source", "ce_time", "content-type"}
+    assert Message.from_headers(m.header_pairs(), m.body) == m
+    again = m.replace(idempotency_key="order-7", attempt=3)
+    h = again.to_headers()
+    assert h["idempotency-key"] == "order-7"
+    assert h["attempt"] == "3"
+    assert Message.from_headers(h, again.body) == again
 
 
 def test_round_trip_through_headers_is_lossless() -> None:

@@ -155,6 +155,7 @@ class Dispatcher:
 
     async def _run(self, delivery: Delivery, previous: asyncio.Task[None] | None) -> None:
         message = delivery.message
+        me = asyncio.current_task()  # once: asyncio.current_task() is Python code on 3.11
         ctx = Context(self.mesh, delivery, self.spec.name)
         # Each delivery runs in its own task, whose context is a copy: binding here
         # needs no reset, and costs half of structlog's bound_contextvars().
@@ -183,9 +184,10 @@ class Dispatcher:
                 ctx.payload = self._decode(message)
                 await self._pipeline(ctx)
             except Exception as exc:
-                await self._failed(ctx, exc)
+                await self._failed(ctx, exc, me)
                 return
-            self._enter_settling()
+            if me is not None:
+                self._settling.add(me)
             self.handled += 1
             if self.mesh.has_listeners:
                 self.mesh.emit(
@@ -206,10 +208,11 @@ class Dispatcher:
             await self.recoverability.give_back(ctx, "stopped while running")
             raise
         finally:
-            self._finished(asyncio.current_task())
+            self._finished(me)
 
-    async def _failed(self, ctx: Context, exc: Exception) -> None:
-        self._enter_settling()
+    async def _failed(self, ctx: Context, exc: Exception, me: asyncio.Task[Any] | None) -> None:
+        if me is not None:  # from here on, a drain lets it finish (see drain)
+            self._settling.add(me)
         self.failed += 1
         self.mesh.emit(
             HandlerFailed(
@@ -221,11 +224,6 @@ class Dispatcher:
             )
         )
         await self.recoverability.on_failure(ctx, exc)
-
-    def _enter_settling(self) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._settling.add(task)
 
     async def _call_user(self, ctx: Context) -> None:
         if self.spec.wants_context:

@@ -6,6 +6,13 @@ header map. The header names follow CloudEvents 1.0 binary mode (``ce_id``,
 not written with meshlink can read and write them; meshlink adds its own
 (``correlation-id``, ``causation-id``, ``idempotency-key``, ``attempt``) and,
 on dead-lettered messages, the ``x-meshlink-*`` failure headers.
+
+A meshlink header that only repeats its default is left off the wire:
+``idempotency-key`` when it equals ``ce_id``, ``attempt`` when it is 1 (a first
+delivery), ``correlation-id`` and ``causation-id`` when there are none. A reader
+treats a missing one as its default, so a message means the same with or without
+them; every header a record carries costs its producer and each consumer on every
+message (a third of a raw Kafka consumer's time for the full set).
 """
 
 from __future__ import annotations
@@ -150,8 +157,10 @@ class Message:
         out[CE_SOURCE] = self.source
         out[CE_TIME] = self.time.isoformat()
         out[CONTENT_TYPE] = self.content_type
-        out[H_IDEMPOTENCY_KEY] = self.idempotency_key
-        out[H_ATTEMPT] = str(self.attempt)
+        if self.idempotency_key != self.id:
+            out[H_IDEMPOTENCY_KEY] = self.idempotency_key
+        if self.attempt != 1:
+            out[H_ATTEMPT] = str(self.attempt)
         if self.correlation_id is not None:
             out[H_CORRELATION_ID] = self.correlation_id
         if self.causation_id is not None:
@@ -169,9 +178,11 @@ class Message:
             (CE_SOURCE, self.source.encode()),
             (CE_TIME, self.time.isoformat().encode()),
             (CONTENT_TYPE, self.content_type.encode()),
-            (H_IDEMPOTENCY_KEY, self.idempotency_key.encode()),
-            (H_ATTEMPT, b"1" if self.attempt == 1 else str(self.attempt).encode()),
         )
+        if self.idempotency_key != self.id:
+            pairs.append((H_IDEMPOTENCY_KEY, self.idempotency_key.encode()))
+        if self.attempt != 1:
+            pairs.append((H_ATTEMPT, str(self.attempt).encode()))
         if self.correlation_id is not None:
             pairs.append((H_CORRELATION_ID, self.correlation_id.encode()))
         if self.causation_id is not None:

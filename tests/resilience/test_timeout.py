@@ -127,3 +127,27 @@ async def test_run_wraps_any_coroutine_function_with_the_same_deadline() -> None
     task = asyncio.current_task()
     assert task is not None
     assert task.cancelling() == 0
+
+
+def test_one_middleware_serves_one_loop_after_another_and_keeps_none_alive() -> None:
+    """A handler's middleware outlives a loop (tests, restarts): each loop gets its own
+    ledger, and a finished loop is not kept alive by the middleware."""
+    import gc
+    import weakref
+
+    timed = _timed(0.05, _hangs_until_cancelled)
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def one_round() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        with pytest.raises(HandlerTimeoutError):
+            await timed(_Ctx())
+
+    asyncio.run(one_round())
+    asyncio.run(one_round())
+    gc.collect()
+    assert loops[0]() is None
+
+
+async def _hangs_until_cancelled(ctx: object) -> None:
+    await asyncio.Event().wait()

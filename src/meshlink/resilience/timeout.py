@@ -15,7 +15,7 @@ import asyncio
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
-from weakref import WeakKeyDictionary
+from weakref import WeakKeyDictionary, ref
 
 from meshlink.clock import Clock, SystemClock
 from meshlink.context import Context
@@ -40,8 +40,9 @@ class Timeout:
         if self.seconds == 0:
             raise ConfigurationError("timeout", "must be > 0")
         self.clock = clock
-        # per event loop (a middleware outlives a test's loop; the ledger must not keep it)
+        # per event loop (a middleware outlives a test's loop: a ledger refers to its loop weakly)
         self._ledgers: WeakKeyDictionary[asyncio.AbstractEventLoop, _Deadlines] = WeakKeyDictionary()
+        self._ledger: _Deadlines | None = None
 
     async def run(self, fn: Callable[..., Awaitable[T]], *args: object, clock: Clock | None = None) -> T:
         """Await ``fn(*args)``; cancel it and raise HandlerTimeoutError past the deadline."""
@@ -53,12 +54,15 @@ class Timeout:
     async def _run_on_loop(self, fn: Callable[..., Awaitable[T]], *args: object) -> T:
         """The system clock: the try is entered in this loop's ledger (one timer for all tries)."""
         loop = asyncio.get_running_loop()
-        ledger = self._ledgers.get(loop)
-        if ledger is None:
-            ledger = self._ledgers[loop] = _Deadlines(loop, self.seconds)
+        ledger = self._ledger
+        if ledger is None or ledger.loop() is not loop:  # the last loop's ledger, without a lookup
+            ledger = self._ledgers.get(loop)
+            if ledger is None:
+                ledger = self._ledgers[loop] = _Deadlines(loop, self.seconds)
+            self._ledger = ledger
         task = asyncio.current_task()
         assert task is not None
-        token = ledger.enter(task)
+        token = ledger.enter(task, loop)
         try:
             result = await fn(*args)
         except asyncio.CancelledError as exc:
@@ -115,10 +119,10 @@ class Timeout:
 class _Deadlines:
     """The running tries of one Timeout middleware on one loop, oldest first, with one timer."""
 
-    __slots__ = ("_expired", "_loop", "_next", "_running", "_seconds", "_timer")
+    __slots__ = ("_expired", "_next", "_running", "_seconds", "_timer", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
-        self._loop = loop
+        self.loop = ref(loop)
         self._seconds = seconds
         # token -> (deadline, task); insertion order is deadline order (one timeout for all)
         self._running: OrderedDict[int, tuple[float, asyncio.Task[Any]]] = OrderedDict()
@@ -126,13 +130,13 @@ class _Deadlines:
         self._timer: asyncio.TimerHandle | None = None
         self._next = 0
 
-    def enter(self, task: asyncio.Task[Any]) -> int:
-        """A try starts in ``task``; returns its token."""
+    def enter(self, task: asyncio.Task[Any], loop: asyncio.AbstractEventLoop) -> int:
+        """A try starts in ``task`` (running on ``loop``, this ledger's); returns its token."""
         token = self._next = self._next + 1
-        deadline = self._loop.time() + self._seconds
+        deadline = loop.time() + self._seconds
         self._running[token] = (deadline, task)
         if self._timer is None:
-            self._timer = self._loop.call_at(deadline, self._fire)
+            self._timer = loop.call_at(deadline, self._fire)
         return token
 
     def leave(self, token: int) -> bool:
@@ -145,12 +149,15 @@ class _Deadlines:
     def _fire(self) -> None:
         """Cancel every try past its deadline; re-arm for the oldest one still running."""
         self._timer = None
-        now = self._loop.time()
+        loop = self.loop()
+        if loop is None:  # pragma: no cover - a timer only runs on its live loop
+            return
+        now = loop.time()
         running = self._running
         while running:
             token, (deadline, task) = next(iter(running.items()))
             if deadline > now:
-                self._timer = self._loop.call_at(deadline, self._fire)
+                self._timer = loop.call_at(deadline, self._fire)
                 return
             del running[token]
             self._expired.add(token)
