@@ -126,3 +126,19 @@ async def test_records_queued_when_the_producer_stops_fail_with_a_publish_error(
     results = await asyncio.gather(*sends, return_exceptions=True)
     assert results[0] is None
     assert all(isinstance(r, PublishError) for r in results[1:])
+
+
+async def test_answered_publishes_leave_the_deadline_queue_and_one_timer_serves_them_all() -> None:
+    """The deadlines of single publishes share one timer, and answered ones are forgotten
+    (a steady stream of publishes holds no more than the unanswered ones)."""
+    client = _Client()
+    producer = _producer(client)
+    for i in range(100):
+        send = asyncio.ensure_future(producer.send(_record(b"%d" % i)))
+        await _until(lambda n=i + 1: len(client.futures) == n)
+        client.futures[i].set_result(None)
+        await send
+    deadlines = producer._deadlines
+    assert deadlines is not None
+    assert len(deadlines._pending) <= 1  # only the last one, until the next publish comes
+    assert deadlines._timer is not None  # the one timer, armed for the oldest deadline

@@ -72,6 +72,7 @@ class Producer:
         # of each caller taking the lock in turn (one event-loop round trip per record).
         self._queued: list[tuple[Record, asyncio.Future[object]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._deadlines: _Deadlines | None = None
 
     async def start(self) -> None:
         """Connect (raises aiokafka errors when the cluster is unreachable)."""
@@ -107,9 +108,12 @@ class Producer:
         self._queued.append((record, acked))
         if self._flusher is None:
             self._flusher = loop.create_task(self._flush())
+        deadlines = self._deadlines
+        if deadlines is None or deadlines.loop is not loop:
+            deadlines = self._deadlines = _Deadlines(loop, self._settings.publish_timeout)
+        deadlines.add(acked)
         try:
-            async with asyncio.timeout(self._settings.publish_timeout):
-                await acked
+            await acked
         except BaseException as exc:
             # still queued: the flusher skips it (a record handed over cannot be recalled)
             acked.cancel()
@@ -174,6 +178,46 @@ class Producer:
                 if results[i] is None and not confirmed:
                     results[i] = _translate(TimeoutError(), record)
         return results
+
+
+class _Deadlines:
+    """The publish deadline of every single publish, with one timer for all of them.
+
+    Instead of ``asyncio.timeout()`` per publish (a timer pushed on the loop's heap and
+    cancelled again, for every message): every publish has the same timeout, so the
+    order of calls is the order of deadlines. A publish past its deadline fails with
+    ``TimeoutError`` (an unknown outcome), as it did under ``asyncio.timeout``.
+    """
+
+    __slots__ = ("_pending", "_seconds", "_timer", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+        self.loop = loop
+        self._seconds = seconds
+        self._pending: deque[tuple[float, asyncio.Future[object]]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, acked: asyncio.Future[object]) -> None:
+        pending = self._pending
+        while pending and pending[0][1].done():  # answered ones at the front: forget them
+            pending.popleft()
+        deadline = self.loop.time() + self._seconds
+        pending.append((deadline, acked))
+        if self._timer is None:
+            self._timer = self.loop.call_at(deadline, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        now = self.loop.time()
+        pending = self._pending
+        while pending:
+            deadline, acked = pending[0]
+            if not acked.done():
+                if deadline > now:
+                    self._timer = self.loop.call_at(deadline, self._fire)
+                    return
+                acked.set_exception(TimeoutError())
+            pending.popleft()
 
 
 def _pass_on(acked: asyncio.Future[object], fut: asyncio.Future[object]) -> None:
