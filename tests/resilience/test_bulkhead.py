@@ -111,6 +111,29 @@ async def test_a_waiter_cancelled_after_being_handed_a_slot_passes_it_on() -> No
     assert bulkhead.peak == 1
 
 
+async def test_a_waiter_cancelled_just_before_a_slot_frees_loses_nothing() -> None:
+    """The slot is freed after the waiter's cancel but before the waiter has run: the
+    freed slot skips it, and its own clean-up finds it already gone."""
+    bulkhead = Bulkhead(1)
+    ran: list[int] = []
+
+    async def work(i: int) -> None:
+        ran.append(i)
+
+    await bulkhead._enter()
+    cancelled = asyncio.create_task(bulkhead.run(work, 1))
+    last = asyncio.create_task(bulkhead.run(work, 2))
+    await _settle()
+    cancelled.cancel()
+    bulkhead._leave()  # same step: the cancelled waiter has not run its clean-up yet
+    await _settle()
+    assert cancelled.cancelled()
+    assert last.done()
+    assert last.exception() is None
+    assert ran == [2]
+    assert bulkhead.running == 0
+
+
 async def test_a_failing_call_frees_its_slot() -> None:
     bulkhead = Bulkhead(1)
 

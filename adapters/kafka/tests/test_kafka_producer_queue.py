@@ -142,3 +142,21 @@ async def test_answered_publishes_leave_the_deadline_queue_and_one_timer_serves_
     assert deadlines is not None
     assert len(deadlines._pending) <= 1  # only the last one, until the next publish comes
     assert deadlines._timer is not None  # the one timer, armed for the oldest deadline
+
+
+async def test_one_unanswered_publish_does_not_make_the_deadline_queue_keep_the_answered_ones() -> None:
+    client = _Client()
+    producer = _producer(client)
+    stuck = asyncio.ensure_future(producer.send(_record(b"stuck")))
+    await _until(lambda: len(client.futures) == 1)  # never answered: stays at the front
+    for i in range(10_000):
+        send = asyncio.ensure_future(producer.send(_record(b"%d" % i)))
+        await _until(lambda n=i + 2: len(client.futures) == n)
+        client.futures[i + 1].set_result(None)
+        await send
+    deadlines = producer._deadlines
+    assert deadlines is not None
+    assert len(deadlines._pending) <= 4_096
+    assert not stuck.done()
+    client.futures[0].set_result(None)
+    await stuck

@@ -63,7 +63,7 @@ class Bulkhead:
         except asyncio.CancelledError:
             if slot.done() and not slot.cancelled():
                 self._leave()  # handed a slot, then cancelled before using it: pass it on
-            else:
+            elif slot in self._waiters:  # (a _leave() may have dropped it already)
                 self._waiters.remove(slot)
             raise
 

@@ -180,6 +180,9 @@ class Producer:
         return results
 
 
+_COMPACT_AT = 4_096
+
+
 class _Deadlines:
     """The publish deadline of every single publish, with one timer for all of them.
 
@@ -189,18 +192,24 @@ class _Deadlines:
     ``TimeoutError`` (an unknown outcome), as it did under ``asyncio.timeout``.
     """
 
-    __slots__ = ("_pending", "_seconds", "_timer", "loop")
+    __slots__ = ("_compact_at", "_pending", "_seconds", "_timer", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
         self.loop = loop
         self._seconds = seconds
         self._pending: deque[tuple[float, asyncio.Future[object]]] = deque()
         self._timer: asyncio.TimerHandle | None = None
+        self._compact_at = _COMPACT_AT
 
     def add(self, acked: asyncio.Future[object]) -> None:
         pending = self._pending
         while pending and pending[0][1].done():  # answered ones at the front: forget them
             pending.popleft()
+        if len(pending) >= self._compact_at:
+            # one publish unanswered at the front (a partition whose leader is away) holds
+            # every later one here: drop the answered ones (amortised: the threshold doubles)
+            pending = self._pending = deque(p for p in pending if not p[1].done())
+            self._compact_at = max(_COMPACT_AT, 2 * len(pending))
         deadline = self.loop.time() + self._seconds
         pending.append((deadline, acked))
         if self._timer is None:
