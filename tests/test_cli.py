@@ -28,3 +28,18 @@ def test_load_mesh_refuses_what_is_not_a_mesh() -> None:
         load_mesh("os:sep")
     with pytest.raises(ConfigurationError, match="module:attribute"):
         load_mesh("just_a_module")
+
+
+def test_dlq_show_prints_every_envelope_field_even_those_left_off_the_wire() -> None:
+    """A first delivery's attempt (1) and idempotency key (= id) are not sent as headers;
+    ``meshlink dlq show`` still prints them."""
+    from meshlink import Message
+    from meshlink.cli import _details
+
+    m = Message(body=b'{"x": 1}', type="T", source="svc", headers={"x-meshlink-error-type": "ValueError"})
+    out = _details(m).splitlines()
+    assert "attempt: 1" in out
+    assert f"idempotency-key: {m.id}" in out
+    assert f"ce_id: {m.id}" in out
+    assert "x-meshlink-error-type: ValueError" in out
+    assert out[-1] == '{"x": 1}'

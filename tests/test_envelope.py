@@ -46,6 +46,20 @@ def test_headers_that_repeat_their_default_stay_off_the_wire() -> None:
     assert Message.from_headers(h, again.body) == again
 
 
+def test_an_extension_named_like_an_envelope_header_never_reaches_the_wire() -> None:
+    """A ready Message is sent as it is: an extension header named like an envelope field
+    must not stand in for a field left at its default (attempt 1, key = id)."""
+    m = Message(body=b"{}", headers={"attempt": "5", "idempotency-key": "other", "ce_id": "x", "a": "1"})
+    for wire in (m.to_headers(), {k: v.decode() for k, v in m.header_pairs()}):
+        assert "attempt" not in wire
+        assert "idempotency-key" not in wire
+        assert wire["ce_id"] == m.id
+        assert wire["a"] == "1"
+    back = Message.from_headers(m.header_pairs(), m.body)
+    assert back.attempt == 1
+    assert back.idempotency_key == m.id
+
+
 def test_round_trip_through_headers_is_lossless() -> None:
     m = Message(
         body=b"x",

@@ -16,7 +16,7 @@ from meshlink.check import check_mesh
 from meshlink.dlq import DeadLetterQueue
 from meshlink.errors import ConfigurationError, MeshlinkError
 from meshlink.logs import configure
-from meshlink.message import Message
+from meshlink.message import H_ATTEMPT, H_IDEMPOTENCY_KEY, Message
 from meshlink.outbox.cli import db_app, outbox_app
 from meshlink.resilience.deadletter import ERROR_MESSAGE, ERROR_TYPE, FAILED_ATTEMPTS
 from meshlink.saga.cli import saga_app
@@ -176,10 +176,16 @@ def dlq_show(broker: BrokerOpt, destination: DestOpt, message_id: str) -> None:
     if message is None:
         typer.echo(f"no message {message_id} in {destination}", err=True)
         raise typer.Exit(1)
-    for key, value in sorted(message.to_headers().items()):
-        typer.echo(f"{key}: {value}")
-    typer.echo("")
-    typer.echo(message.body.decode("utf-8", errors="replace"))
+    typer.echo(_details(message))
+
+
+def _details(message: Message) -> str:
+    """Every envelope field (including those left off the wire at their default), then the body."""
+    shown = message.to_headers()
+    shown.setdefault(H_ATTEMPT, str(message.attempt))
+    shown.setdefault(H_IDEMPOTENCY_KEY, message.idempotency_key)
+    lines = [f"{key}: {value}" for key, value in sorted(shown.items())]
+    return "\n".join([*lines, "", message.body.decode("utf-8", errors="replace")])
 
 
 @dlq_app.command("replay")

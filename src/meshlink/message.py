@@ -150,7 +150,8 @@ class Message:
 
     def to_headers(self) -> dict[str, str]:
         """Return the flat wire headers: CloudEvents attributes, meshlink fields, extensions."""
-        out = dict(self.headers)
+        # an extension named like an envelope header never reaches the wire: the field counts
+        out = {k: v for k, v in self.headers.items() if k not in RESERVED_HEADERS}
         out[CE_SPECVERSION] = _SPECVERSION
         out[CE_ID] = self.id
         out[CE_TYPE] = self.type
@@ -170,7 +171,11 @@ class Message:
     def header_pairs(self) -> list[tuple[str, bytes]]:
         """:meth:`to_headers` as UTF-8 encoded ``(name, value)`` pairs (Kafka record headers),
         built directly: this runs for every produced message."""
-        pairs = [(k, v.encode()) for k, v in self.headers.items()] if self.headers else []
+        pairs = (
+            [(k, v.encode()) for k, v in self.headers.items() if k not in RESERVED_HEADERS]
+            if self.headers
+            else []
+        )
         pairs += (
             (CE_SPECVERSION, _SPECVERSION_BYTES),
             (CE_ID, self.id.encode()),

@@ -151,3 +151,26 @@ def test_one_middleware_serves_one_loop_after_another_and_keeps_none_alive() -> 
 
 async def _hangs_until_cancelled(ctx: object) -> None:
     await asyncio.Event().wait()
+
+
+def test_a_timer_still_set_when_its_loop_ends_does_not_keep_the_loop_alive() -> None:
+    """Tries that finish early leave the ledger's one timer set (for the deadline of a try
+    long gone); that timer belongs to the loop, and must not make the middleware hold it."""
+    import gc
+    import weakref
+
+    timed = _timed(3600, _returns)
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def one_round() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        await timed(_Ctx())
+
+    asyncio.run(one_round())
+    asyncio.run(one_round())
+    gc.collect()
+    assert loops[0]() is None
+
+
+async def _returns(ctx: object) -> None:
+    return None

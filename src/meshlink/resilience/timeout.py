@@ -119,7 +119,7 @@ class Timeout:
 class _Deadlines:
     """The running tries of one Timeout middleware on one loop, oldest first, with one timer."""
 
-    __slots__ = ("_expired", "_next", "_running", "_seconds", "_timer", "loop")
+    __slots__ = ("_armed", "_expired", "_next", "_running", "_seconds", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
         self.loop = ref(loop)
@@ -127,7 +127,9 @@ class _Deadlines:
         # token -> (deadline, task); insertion order is deadline order (one timeout for all)
         self._running: OrderedDict[int, tuple[float, asyncio.Task[Any]]] = OrderedDict()
         self._expired: set[int] = set()
-        self._timer: asyncio.TimerHandle | None = None
+        # Whether a timer is set. Not the handle itself: a handle refers to its loop, and this
+        # ledger must not keep a finished loop alive (the loop holds the handle, not we).
+        self._armed = False
         self._next = 0
 
     def enter(self, task: asyncio.Task[Any], loop: asyncio.AbstractEventLoop) -> int:
@@ -135,8 +137,9 @@ class _Deadlines:
         token = self._next = self._next + 1
         deadline = loop.time() + self._seconds
         self._running[token] = (deadline, task)
-        if self._timer is None:
-            self._timer = loop.call_at(deadline, self._fire)
+        if not self._armed:
+            loop.call_at(deadline, self._fire)
+            self._armed = True
         return token
 
     def leave(self, token: int) -> bool:
@@ -148,7 +151,7 @@ class _Deadlines:
 
     def _fire(self) -> None:
         """Cancel every try past its deadline; re-arm for the oldest one still running."""
-        self._timer = None
+        self._armed = False
         loop = self.loop()
         if loop is None:  # pragma: no cover - a timer only runs on its live loop
             return
@@ -157,7 +160,8 @@ class _Deadlines:
         while running:
             token, (deadline, task) = next(iter(running.items()))
             if deadline > now:
-                self._timer = loop.call_at(deadline, self._fire)
+                loop.call_at(deadline, self._fire)
+                self._armed = True
                 return
             del running[token]
             self._expired.add(token)
