@@ -140,8 +140,8 @@ async def test_answered_publishes_leave_the_deadline_queue_and_one_timer_serves_
         await send
     deadlines = producer._deadlines
     assert deadlines is not None
-    assert len(deadlines._pending) <= 1  # only the last one, until the next publish comes
-    assert deadlines._timer is not None  # the one timer, armed for the oldest deadline
+    assert len(deadlines) <= 1  # answered ones have left
+    assert deadlines._armed  # the one timer, armed for the oldest deadline
 
 
 async def test_one_unanswered_publish_does_not_make_the_deadline_queue_keep_the_answered_ones() -> None:
@@ -156,7 +156,7 @@ async def test_one_unanswered_publish_does_not_make_the_deadline_queue_keep_the_
         await send
     deadlines = producer._deadlines
     assert deadlines is not None
-    assert len(deadlines._pending) <= 4_096
+    assert len(deadlines) <= 4_096
     assert not stuck.done()
     client.futures[0].set_result(None)
     await stuck

@@ -17,6 +17,7 @@ from functools import partial
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError
 
+from meshlink.deadlines import DeadlineLedger
 from meshlink.errors import PublishError, PublishTimeoutError
 from meshlink.message import Message
 from meshlink_kafka.settings import KafkaSettings
@@ -72,7 +73,9 @@ class Producer:
         # of each caller taking the lock in turn (one event-loop round trip per record).
         self._queued: list[tuple[Record, asyncio.Future[object]]] = []
         self._flusher: asyncio.Task[None] | None = None
-        self._deadlines: _Deadlines | None = None
+        # every single publish has the same deadline: one ledger and one timer for all of them,
+        # not asyncio.timeout() per publish (a timer pushed on the loop's heap and cancelled)
+        self._deadlines: DeadlineLedger[asyncio.Future[object]] | None = None
 
     async def start(self) -> None:
         """Connect (raises aiokafka errors when the cluster is unreachable)."""
@@ -109,15 +112,17 @@ class Producer:
         if self._flusher is None:
             self._flusher = loop.create_task(self._flush())
         deadlines = self._deadlines
-        if deadlines is None or deadlines.loop is not loop:
-            deadlines = self._deadlines = _Deadlines(loop, self._settings.publish_timeout)
-        deadlines.add(acked)
+        if deadlines is None or deadlines.loop() is not loop:
+            deadlines = self._deadlines = DeadlineLedger(loop, self._settings.publish_timeout, _time_out)
+        token = deadlines.enter(acked, loop)
         try:
             await acked
         except BaseException as exc:
             # still queued: the flusher skips it (a record handed over cannot be recalled)
             acked.cancel()
             raise _translate(exc, record) from exc
+        finally:
+            deadlines.leave(token)
 
     async def _flush(self) -> None:
         """Hand every queued record to the client, in order; each caller awaits its own ack."""
@@ -180,53 +185,10 @@ class Producer:
         return results
 
 
-_COMPACT_AT = 4_096
-
-
-class _Deadlines:
-    """The publish deadline of every single publish, with one timer for all of them.
-
-    Instead of ``asyncio.timeout()`` per publish (a timer pushed on the loop's heap and
-    cancelled again, for every message): every publish has the same timeout, so the
-    order of calls is the order of deadlines. A publish past its deadline fails with
-    ``TimeoutError`` (an unknown outcome), as it did under ``asyncio.timeout``.
-    """
-
-    __slots__ = ("_compact_at", "_pending", "_seconds", "_timer", "loop")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
-        self.loop = loop
-        self._seconds = seconds
-        self._pending: deque[tuple[float, asyncio.Future[object]]] = deque()
-        self._timer: asyncio.TimerHandle | None = None
-        self._compact_at = _COMPACT_AT
-
-    def add(self, acked: asyncio.Future[object]) -> None:
-        pending = self._pending
-        while pending and pending[0][1].done():  # answered ones at the front: forget them
-            pending.popleft()
-        if len(pending) >= self._compact_at:
-            # one publish unanswered at the front (a partition whose leader is away) holds
-            # every later one here: drop the answered ones (amortised: the threshold doubles)
-            pending = self._pending = deque(p for p in pending if not p[1].done())
-            self._compact_at = max(_COMPACT_AT, 2 * len(pending))
-        deadline = self.loop.time() + self._seconds
-        pending.append((deadline, acked))
-        if self._timer is None:
-            self._timer = self.loop.call_at(deadline, self._fire)
-
-    def _fire(self) -> None:
-        self._timer = None
-        now = self.loop.time()
-        pending = self._pending
-        while pending:
-            deadline, acked = pending[0]
-            if not acked.done():
-                if deadline > now:
-                    self._timer = self.loop.call_at(deadline, self._fire)
-                    return
-                acked.set_exception(TimeoutError())
-            pending.popleft()
+def _time_out(acked: asyncio.Future[object]) -> None:
+    """A publish past its deadline: unknown outcome, as under ``asyncio.timeout``."""
+    if not acked.done():
+        acked.set_exception(TimeoutError())
 
 
 def _pass_on(acked: asyncio.Future[object], fut: asyncio.Future[object]) -> None:
