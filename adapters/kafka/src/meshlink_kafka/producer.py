@@ -1,21 +1,49 @@
-"""Producing: envelope in record headers, key to partition, ``acks=all``, a deadline on every send.
+"""Producing: envelope in record headers, key to partition, ``acks=all``, a deadline on every publish.
 
-``send_many`` pipelines: every record is handed to aiokafka's accumulator first
-(so they share batches and requests), then all delivery futures are awaited
-together. Both stages run under one deadline, because a send can block on
-metadata or a full buffer while the broker is unreachable.
+Every publish, single or many, joins one queue. One flusher task hands what has
+queued to the client as record batches that it fills itself, one open batch per
+partition (aiokafka's public ``create_batch()``/``send_batch()``), instead of a
+``send()`` per record. ``send()`` costs more than the rest of a publish put
+together: a coroutine, a metadata check, a size check, the pure-Python murmur2
+hash of the key and a future, for every record (``benchmarks/kafka_throughput.py``
+measures both). Here a key's partition is hashed once per topic and partition
+count and remembered, and the broker's answer to a batch settles all of its
+publishes in one callback.
+
+What a publisher sees is what ``send()`` gives:
+
+* the key picks the partition as aiokafka's default partitioner and the Java
+  client do (murmur2 of the key bytes modulo the partition count), so meshlink
+  and any other producer put one key on one partition. Records without a key go
+  to a random partition, the same one for the rest of the flush, so that they
+  share a batch (Kafka's "sticky" partitioning, KIP-480);
+* records of one partition reach it in publish order (one open batch per
+  partition; the client sends a partition's batches in order);
+* a record larger than ``max_request_size`` fails alone, with
+  ``MessageSizeTooLargeError``, and a topic whose metadata cannot be had fails
+  only the records for that topic; a batch the broker refuses fails its own
+  publishes;
+* idempotent and transactional producing work unchanged: the client stamps the
+  producer id and sequence numbers on a batch when it sends it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque
-from collections.abc import Mapping, Sequence
-from functools import partial
+import random
+from collections.abc import Iterable, Mapping, Sequence
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError
+from aiokafka.errors import (
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    UnknownTopicOrPartitionError,
+)
+from aiokafka.partitioner import murmur2
+from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from meshlink.deadlines import DeadlineLedger
 from meshlink.errors import PublishError, PublishTimeoutError
@@ -25,6 +53,9 @@ from meshlink_kafka.settings import KafkaSettings
 __all__ = ["Producer", "Record", "record_of"]
 
 Headers = list[tuple[str, bytes]]
+_Acked = asyncio.Future[object]
+_MAX_KEYS = 65_536
+"""Remembered key partitions per topic; past this many the memory starts afresh."""
 
 
 class Record:
@@ -57,25 +88,74 @@ def record_of(topic: str, message: Message, extra: Mapping[str, str] | None = No
     )
 
 
+class _Routes:
+    """Where the records of one topic go: its partitions, and the partition of each key seen."""
+
+    __slots__ = ("keys", "partitions", "sticky")
+
+    def __init__(self, partitions: list[int]) -> None:
+        self.partitions = partitions
+        self.keys: dict[bytes, int] = {}
+        self.sticky: int | None = None  # this flush's partition for records without a key
+
+    def of(self, key: bytes | None) -> int:
+        if key is None:
+            if self.sticky is None:
+                self.sticky = random.choice(self.partitions)
+            return self.sticky
+        partition = self.keys.get(key)
+        if partition is None:
+            if len(self.keys) >= _MAX_KEYS:
+                self.keys.clear()
+            # aiokafka's DefaultPartitioner (and the Java client's), remembered
+            partition = self.keys[key] = self.partitions[(murmur2(key) & 0x7FFFFFFF) % len(self.partitions)]
+        return partition
+
+
+class _Batch:
+    """An open batch for one partition and the publishes waiting on it."""
+
+    __slots__ = ("builder", "partition", "pending", "topic")
+
+    def __init__(self, builder: BatchBuilder, topic: str, partition: int) -> None:
+        self.builder = builder
+        self.topic = topic
+        self.partition = partition
+        self.pending: list[_Acked] = []
+
+    def add(self, record: Record, acked: _Acked) -> bool:
+        """Append ``record``; ``False`` when the batch is full (an empty one takes any record)."""
+        appended = self.builder.append(
+            timestamp=None, key=record.key, value=record.value, headers=record.headers
+        )
+        if appended is None:
+            return False
+        self.pending.append(acked)
+        return True
+
+    def settle(self, fut: asyncio.Future[object]) -> None:
+        """The broker's answer for the whole batch, passed to every publish in it."""
+        for acked in self.pending:
+            _pass_on(acked, fut)
+
+    def fail(self, exc: BaseException) -> None:
+        for acked in self.pending:
+            if not acked.done():
+                acked.set_exception(exc)
+
+
 class Producer:
-    """The transport's single producer (aiokafka producers are coroutine-safe and batch across tasks)."""
+    """The transport's single producer: one queue and one flusher for every publish."""
 
     def __init__(self, settings: KafkaSettings) -> None:
         self._settings = settings
         self._producer: AIOKafkaProducer | None = None
-        # Hands records to the client one caller at a time. When a partition's batch is
-        # full, aiokafka makes every sender wait for it to drain; a thousand concurrent
-        # publishes would all wake, retry and wait again (a timer each). In line, one
-        # waits and the others queue behind it, as a sequential sender would.
-        self._enqueue = asyncio.Lock()
-        # Single publishes are coalesced: callers queue their record and one flusher task
-        # hands every queued record to the client in order (under the same lock), instead
-        # of each caller taking the lock in turn (one event-loop round trip per record).
-        self._queued: list[tuple[Record, asyncio.Future[object]]] = []
+        self._queued: list[tuple[Record, _Acked]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._routes: dict[str, _Routes] = {}
         # every single publish has the same deadline: one ledger and one timer for all of them,
         # not asyncio.timeout() per publish (a timer pushed on the loop's heap and cancelled)
-        self._deadlines: DeadlineLedger[asyncio.Future[object]] | None = None
+        self._deadlines: DeadlineLedger[_Acked] | None = None
 
     async def start(self) -> None:
         """Connect (raises aiokafka errors when the cluster is unreachable)."""
@@ -96,21 +176,22 @@ class Producer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(producer.stop(), self._settings.close_timeout)
 
-    def _live(self, record: Record) -> AIOKafkaProducer:
+    def _queue(self, record: Record, loop: asyncio.AbstractEventLoop) -> _Acked:
+        """Queue ``record`` for the flusher; the future gets the broker's answer."""
         if self._producer is None:
             raise PublishError(
                 "kafka producer is closed", destination=record.topic, message_id=record.message_id
             )
-        return self._producer
-
-    async def send(self, record: Record) -> None:
-        """Send one record and wait for ``acks=all``; raise a typed error otherwise."""
-        self._live(record)
-        loop = asyncio.get_running_loop()
-        acked: asyncio.Future[object] = loop.create_future()
+        acked: _Acked = loop.create_future()
         self._queued.append((record, acked))
         if self._flusher is None:
             self._flusher = loop.create_task(self._flush())
+        return acked
+
+    async def send(self, record: Record) -> None:
+        """Send one record and wait for ``acks=all``; raise a typed error otherwise."""
+        loop = asyncio.get_running_loop()
+        acked = self._queue(record, loop)
         deadlines = self._deadlines
         if deadlines is None or deadlines.loop() is not loop:
             deadlines = self._deadlines = DeadlineLedger(loop, self._settings.publish_timeout, _time_out)
@@ -124,74 +205,142 @@ class Producer:
         finally:
             deadlines.leave(token)
 
-    async def _flush(self) -> None:
-        """Hand every queued record to the client, in order; each caller awaits its own ack."""
-        waiting: deque[tuple[Record, asyncio.Future[object]]] = deque()
-        try:
-            async with self._enqueue:
-                while self._queued:
-                    waiting.extend(self._queued)
-                    self._queued = []
-                    while waiting:
-                        record, acked = waiting[0]
-                        if not acked.done():  # else its caller gave up before it was handed over
-                            try:
-                                fut = await self._live(record).send(
-                                    record.topic, record.value, key=record.key, headers=record.headers
-                                )
-                            except Exception as exc:  # the caller's outcome, not the flusher's
-                                if not acked.done():
-                                    acked.set_exception(exc)
-                            else:
-                                # the broker's answer goes straight to the caller (one wake-up, not two)
-                                fut.add_done_callback(partial(_pass_on, acked))
-                        waiting.popleft()
-        finally:
-            self._flusher = None
-            # records never handed over (this task was cancelled: the transport is closing)
-            for _, acked in (*waiting, *self._queued):
-                if not acked.done():
-                    acked.set_exception(PublishError("kafka producer stopped before sending"))
-            self._queued = []
-
     async def send_many(self, records: Sequence[Record]) -> list[BaseException | None]:
-        """Send every record pipelined; return ``None`` or the error for each, in order."""
+        """Send every record pipelined (one deadline for all); ``None`` or the error for each, in order."""
+        loop = asyncio.get_running_loop()
         results: list[BaseException | None] = [None] * len(records)
-        futures: list[tuple[int, asyncio.Future[object]]] = []
-        try:
-            async with asyncio.timeout(self._settings.publish_timeout):
-                async with self._enqueue:
-                    for i, record in enumerate(records):
-                        producer = self._live(record)
-                        try:
-                            fut = await producer.send(
-                                record.topic, record.value, key=record.key, headers=record.headers
-                            )
-                        except KafkaError as exc:
-                            results[i] = _translate(exc, record)
-                            continue
-                        futures.append((i, fut))
-                outcomes = await asyncio.gather(*(f for _, f in futures), return_exceptions=True)
-                for (i, _), outcome in zip(futures, outcomes, strict=True):
-                    if isinstance(outcome, BaseException):
-                        results[i] = _translate(outcome, records[i])
-        except TimeoutError:
-            sent = dict(futures)
-            for i, record in enumerate(records):
-                fut = sent.get(i)
-                confirmed = fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None
-                if results[i] is None and not confirmed:
-                    results[i] = _translate(TimeoutError(), record)
+        futures: list[_Acked | None] = []
+        for i, record in enumerate(records):
+            try:
+                futures.append(self._queue(record, loop))
+            except PublishError as exc:
+                results[i] = exc
+                futures.append(None)
+        waiting = [f for f in futures if f is not None]
+        if waiting:
+            try:
+                async with asyncio.timeout(self._settings.publish_timeout):
+                    await asyncio.wait(waiting)
+            except TimeoutError:
+                pass
+            finally:
+                for fut in waiting:
+                    fut.cancel()  # past the deadline (or our caller gave up): skipped if still queued
+        for i, queued in enumerate(futures):
+            if queued is None:
+                continue
+            error = TimeoutError() if queued.cancelled() else queued.exception()
+            if error is not None:
+                results[i] = _translate(error, records[i])
         return results
 
+    # -- the flusher ----------------------------------------------------------------------
 
-def _time_out(acked: asyncio.Future[object]) -> None:
+    async def _flush(self) -> None:
+        """Hand every queued record to the client, in order, until the queue is empty."""
+        try:
+            while self._queued:
+                items, self._queued = self._queued, []
+                await self._hand_over(items)
+        finally:
+            self._flusher = None
+            # never taken from the queue (this task was cancelled: the transport is closing)
+            _fail_unsent(acked for _, acked in self._queued)
+            self._queued = []
+
+    async def _hand_over(self, items: list[tuple[Record, _Acked]]) -> None:
+        """Fill one batch per partition with ``items`` and submit each (a full one at once)."""
+        open_batches: dict[tuple[str, int], _Batch] = {}
+        topics: dict[str, _Routes | BaseException] = {}  # checked in this flush
+        limit = self._settings.max_request_size
+        estimate = DefaultRecordBatchBuilder.estimate_size_in_bytes
+        i = 0
+        try:
+            for i, (record, acked) in enumerate(items):  # noqa: B007 (read in the clean-up)
+                if acked.done():  # its publisher gave up before it was handed over
+                    continue
+                producer = self._producer
+                if producer is None:
+                    acked.set_exception(PublishError("kafka producer is closed", destination=record.topic))
+                    continue
+                routes = topics.get(record.topic)
+                if routes is None:
+                    routes = topics[record.topic] = await self._routes_of(producer, record.topic)
+                if isinstance(routes, BaseException):
+                    acked.set_exception(routes)
+                    continue
+                size = estimate(record.key, record.value, record.headers)
+                if size > limit:
+                    too_large = f"the record is {size} bytes, more than max_request_size ({limit})"
+                    acked.set_exception(MessageSizeTooLargeError(too_large))
+                    continue
+                where = (record.topic, routes.of(record.key))
+                batch = open_batches.get(where)
+                if batch is None:
+                    batch = open_batches[where] = _Batch(producer.create_batch(), *where)
+                if not batch.add(record, acked):
+                    del open_batches[where]
+                    await self._submit(producer, batch)
+                    batch = open_batches[where] = _Batch(producer.create_batch(), *where)
+                    batch.add(record, acked)
+            i = len(items)
+            while open_batches:
+                batch = open_batches.pop(next(iter(open_batches)))
+                await self._submit(self._producer, batch)
+        except BaseException:
+            # cancelled (the transport is closing) before these were handed over
+            for batch in open_batches.values():
+                _fail_unsent(batch.pending)
+            _fail_unsent(acked for _, acked in items[i:])
+            raise
+
+    async def _routes_of(self, producer: AIOKafkaProducer, topic: str) -> _Routes | BaseException:
+        """The topic's routes, checked against its current partitions, or why there are none."""
+        try:
+            known: set[int] = await producer.partitions_for(topic)
+        except KafkaError as exc:
+            failed: BaseException = exc
+            return failed
+        partitions = sorted(known)
+        if not partitions:
+            empty: BaseException = UnknownTopicOrPartitionError(f"topic {topic!r} has no partitions")
+            return empty
+        routes = self._routes.get(topic)
+        if routes is None or routes.partitions != partitions:
+            routes = self._routes[topic] = _Routes(partitions)
+        routes.sticky = None  # a new flush: records without a key pick a partition afresh
+        return routes
+
+    async def _submit(self, producer: AIOKafkaProducer | None, batch: _Batch) -> None:
+        """Hand a batch to the client (it may wait for the partition's previous batch to go out)."""
+        if producer is None:
+            batch.fail(PublishError("kafka producer is closed", destination=batch.topic))
+            return
+        batch.builder.close()
+        try:
+            fut = await producer.send_batch(batch.builder, batch.topic, partition=batch.partition)
+        except asyncio.CancelledError:
+            _fail_unsent(batch.pending)  # the client takes a batch without suspending: not taken
+            raise
+        except Exception as exc:  # this batch's outcome, not the flusher's
+            batch.fail(exc)
+            return
+        fut.add_done_callback(batch.settle)
+
+
+def _fail_unsent(waiting: Iterable[_Acked]) -> None:
+    for acked in waiting:
+        if not acked.done():
+            acked.set_exception(PublishError("kafka producer stopped before sending"))
+
+
+def _time_out(acked: _Acked) -> None:
     """A publish past its deadline: unknown outcome, as under ``asyncio.timeout``."""
     if not acked.done():
         acked.set_exception(TimeoutError())
 
 
-def _pass_on(acked: asyncio.Future[object], fut: asyncio.Future[object]) -> None:
+def _pass_on(acked: _Acked, fut: asyncio.Future[object]) -> None:
     """Copy the client's delivery outcome to the publisher's future (unless it gave up)."""
     if acked.done():
         if not fut.cancelled():
