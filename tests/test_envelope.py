@@ -6,7 +6,7 @@ import uuid
 from datetime import UTC, datetime
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from meshlink import DecodeError, Message
 from meshlink.codec import Decoder, encode, type_name
@@ -123,6 +123,34 @@ def test_codec_encodes_models_dicts_and_passes_bytes_through() -> None:
     assert type_name(Item(sku="a", qty=1)) == "Item"
     with pytest.raises(EncodeError):
         encode(object())
+
+
+def test_a_model_encodes_exactly_as_its_model_dump_json_says() -> None:
+    class Aliased(BaseModel):
+        model_config = ConfigDict(serialize_by_alias=True)
+        sku: str = Field(alias="SKU")
+
+    class Custom(BaseModel):
+        sku: str
+
+        def model_dump_json(self, **kwargs: object) -> str:  # type: ignore[override]
+            return '{"custom":true}'
+
+    assert encode(Aliased(SKU="a")) == (Aliased(SKU="a").model_dump_json().encode(), "application/json")
+    assert encode(Aliased(SKU="a"))[0] == b'{"SKU":"a"}'
+    assert encode(Custom(sku="a"))[0] == b'{"custom":true}'  # an override is the model's own way
+
+
+def test_header_pairs_of_many_distinct_types_stay_right_and_their_memory_bounded() -> None:
+    from meshlink import message as message_module
+
+    for i in range(3 * message_module._MAX_PAIRS):
+        m = Message(body=b"{}", type=f"T{i}", source=f"s{i % 7}", content_type="application/json")
+        pairs = dict(m.header_pairs())
+        assert pairs["ce_type"] == f"T{i}".encode()
+        assert pairs["ce_source"] == f"s{i % 7}".encode()
+        assert pairs["content-type"] == b"application/json"
+    assert len(message_module._TYPE_PAIRS) <= message_module._MAX_PAIRS
 
 
 def test_decode_failure_is_a_typed_non_retryable_error() -> None:

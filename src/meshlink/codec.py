@@ -29,14 +29,20 @@ T = TypeVar("T")
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 JSON = "application/json"
 BINARY = "application/octet-stream"
+_BINARY_TYPES = (bytes, bytearray, memoryview)
+_MODEL_DUMP_JSON = pydantic.BaseModel.model_dump_json
 
 
 def encode(payload: object) -> tuple[bytes, str]:
     """Return ``(body, content_type)`` for ``payload``."""
-    if isinstance(payload, bytes | bytearray | memoryview):
-        return bytes(payload), BINARY
     if isinstance(payload, pydantic.BaseModel):
-        return payload.model_dump_json().encode(), JSON
+        if type(payload).model_dump_json is _MODEL_DUMP_JSON:
+            # what model_dump_json() does with its defaults, without the str round trip
+            # and the Python wrapper (a third of the cost of encoding a small model)
+            return payload.__pydantic_serializer__.to_json(payload), JSON
+        return payload.model_dump_json().encode(), JSON  # overridden: the model's own way
+    if isinstance(payload, _BINARY_TYPES):
+        return bytes(payload), BINARY
     try:
         return pydantic_core.to_json(payload), JSON
     except pydantic_core.PydanticSerializationError as exc:

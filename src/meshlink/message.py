@@ -76,6 +76,33 @@ RESERVED_HEADERS = frozenset(
 )
 _SPECVERSION = "1.0"
 _SPECVERSION_BYTES = _SPECVERSION.encode()
+_SPECVERSION_PAIR = (CE_SPECVERSION, _SPECVERSION_BYTES)
+
+
+class _Pairs(dict[str, tuple[str, bytes]]):
+    """Encoded ``(name, value)`` header pairs of one envelope field, by value.
+
+    Types, sources and content types repeat from message to message: their pair is
+    built once and shared (a tuple and an encode less per produced message, and one
+    object less for the garbage collector to track). Bounded: past ``_MAX_PAIRS``
+    distinct values it starts afresh.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def pair(self, value: str) -> tuple[str, bytes]:
+        if len(self) >= _MAX_PAIRS:
+            self.clear()
+        made = self[value] = (self.name, value.encode())
+        return made
+
+
+_MAX_PAIRS = 1_024
+_TYPE_PAIRS = _Pairs(CE_TYPE)
+_SOURCE_PAIRS = _Pairs(CE_SOURCE)
+_CONTENT_TYPE_PAIRS = _Pairs(CONTENT_TYPE)
 
 
 def new_message_id() -> str:
@@ -171,19 +198,16 @@ class Message:
     def header_pairs(self) -> list[tuple[str, bytes]]:
         """:meth:`to_headers` as UTF-8 encoded ``(name, value)`` pairs (Kafka record headers),
         built directly: this runs for every produced message."""
-        pairs = (
-            [(k, v.encode()) for k, v in self.headers.items() if k not in RESERVED_HEADERS]
-            if self.headers
-            else []
-        )
-        pairs += (
-            (CE_SPECVERSION, _SPECVERSION_BYTES),
+        pairs = [
+            _SPECVERSION_PAIR,
             (CE_ID, self.id.encode()),
-            (CE_TYPE, self.type.encode()),
-            (CE_SOURCE, self.source.encode()),
+            _TYPE_PAIRS.get(self.type) or _TYPE_PAIRS.pair(self.type),
+            _SOURCE_PAIRS.get(self.source) or _SOURCE_PAIRS.pair(self.source),
             (CE_TIME, self.time.isoformat().encode()),
-            (CONTENT_TYPE, self.content_type.encode()),
-        )
+            _CONTENT_TYPE_PAIRS.get(self.content_type) or _CONTENT_TYPE_PAIRS.pair(self.content_type),
+        ]
+        if self.headers:
+            pairs[:0] = [(k, v.encode()) for k, v in self.headers.items() if k not in RESERVED_HEADERS]
         if self.idempotency_key != self.id:
             pairs.append((H_IDEMPOTENCY_KEY, self.idempotency_key.encode()))
         if self.attempt != 1:

@@ -59,9 +59,9 @@ _MAX_KEYS = 65_536
 
 
 class Record:
-    """One record ready for the wire."""
+    """One record ready for the wire (and, once queued, the future its publisher waits on)."""
 
-    __slots__ = ("headers", "key", "message_id", "topic", "value")
+    __slots__ = ("acked", "headers", "key", "message_id", "topic", "value")
 
     def __init__(
         self, topic: str, key: bytes | None, value: bytes, headers: Headers, message_id: str
@@ -71,6 +71,7 @@ class Record:
         self.value = value
         self.headers = headers
         self.message_id = message_id
+        self.acked: _Acked | None = None
 
 
 def record_of(topic: str, message: Message, extra: Mapping[str, str] | None = None) -> Record:
@@ -150,7 +151,7 @@ class Producer:
     def __init__(self, settings: KafkaSettings) -> None:
         self._settings = settings
         self._producer: AIOKafkaProducer | None = None
-        self._queued: list[tuple[Record, _Acked]] = []
+        self._queued: list[Record] = []  # each with its ``acked`` future
         self._flusher: asyncio.Task[None] | None = None
         self._routes: dict[str, _Routes] = {}
         # every single publish has the same deadline: one ledger and one timer for all of them,
@@ -183,7 +184,10 @@ class Producer:
                 "kafka producer is closed", destination=record.topic, message_id=record.message_id
             )
         acked: _Acked = loop.create_future()
-        self._queued.append((record, acked))
+        if record.acked is not None:  # queued again (a retried publish): a new future, a new record
+            record = Record(record.topic, record.key, record.value, record.headers, record.message_id)
+        record.acked = acked
+        self._queued.append(record)
         if self._flusher is None:
             self._flusher = loop.create_task(self._flush())
         return acked
@@ -245,10 +249,10 @@ class Producer:
         finally:
             self._flusher = None
             # never taken from the queue (this task was cancelled: the transport is closing)
-            _fail_unsent(acked for _, acked in self._queued)
+            _fail_unsent(record.acked for record in self._queued)
             self._queued = []
 
-    async def _hand_over(self, items: list[tuple[Record, _Acked]]) -> None:
+    async def _hand_over(self, items: list[Record]) -> None:
         """Fill one batch per partition with ``items`` and submit each (a full one at once)."""
         open_batches: dict[tuple[str, int], _Batch] = {}
         topics: dict[str, _Routes | BaseException] = {}  # checked in this flush
@@ -256,8 +260,9 @@ class Producer:
         estimate = DefaultRecordBatchBuilder.estimate_size_in_bytes
         i = 0
         try:
-            for i, (record, acked) in enumerate(items):  # noqa: B007 (read in the clean-up)
-                if acked.done():  # its publisher gave up before it was handed over
+            for i, record in enumerate(items):  # noqa: B007 (read in the clean-up)
+                acked = record.acked
+                if acked is None or acked.done():  # its publisher gave up before it was handed over
                     continue
                 producer = self._producer
                 if producer is None:
@@ -291,7 +296,7 @@ class Producer:
             # cancelled (the transport is closing) before these were handed over
             for batch in open_batches.values():
                 _fail_unsent(batch.pending)
-            _fail_unsent(acked for _, acked in items[i:])
+            _fail_unsent(record.acked for record in items[i:])
             raise
 
     async def _routes_of(self, producer: AIOKafkaProducer, topic: str) -> _Routes | BaseException:
@@ -328,9 +333,9 @@ class Producer:
         fut.add_done_callback(batch.settle)
 
 
-def _fail_unsent(waiting: Iterable[_Acked]) -> None:
+def _fail_unsent(waiting: Iterable[_Acked | None]) -> None:
     for acked in waiting:
-        if not acked.done():
+        if acked is not None and not acked.done():
             acked.set_exception(PublishError("kafka producer stopped before sending"))
 
 

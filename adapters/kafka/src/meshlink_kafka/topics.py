@@ -57,6 +57,10 @@ class TopicManager:
         """Topics seen so far, with their partition counts."""
         return dict(self._known)
 
+    def is_known(self, topic: str) -> bool:
+        """Whether ``topic`` was already made sure of (``ensure`` would return at once)."""
+        return topic in self._known
+
     async def ensure(self, topic: str) -> int:
         """Make ``topic`` exist (or check it does); return its partition count."""
         count = self._known.get(topic)

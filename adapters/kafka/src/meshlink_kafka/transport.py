@@ -175,7 +175,8 @@ class KafkaTransport(Transport):
     async def publish(self, destination: str, message: Message, *, delay: float | None = None) -> None:
         self._live()
         try:
-            await self._ensure(destination, delay)
+            if delay is not None or not self._topics.is_known(destination):  # else nothing to await
+                await self._ensure(destination, delay)
         except KafkaError as exc:
             raise PublishError(
                 f"cannot prepare topic: {exc!r}", destination=destination, message_id=message.id
