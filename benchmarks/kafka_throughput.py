@@ -160,7 +160,8 @@ async def run_raw(
     listener = _Assigned()
     consumer.subscribe([topic], listener=listener)
     await consumer.start()
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_batch_size=65_536)
+    # meshlink's producer settings (linger_ms=0, aiokafka's default too, and 64 KiB batches)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0, max_batch_size=65_536)
     await producer.start()
     try:
         # join the group, then hold the partitions while the backlog is published

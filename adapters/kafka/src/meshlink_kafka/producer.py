@@ -321,7 +321,8 @@ class Producer:
         if producer is None:
             batch.fail(PublishError("kafka producer is closed", destination=batch.topic))
             return
-        batch.builder.close()
+        # left open: the client closes it when it sends it, after ``linger_ms`` (nothing else
+        # appends to it; an open batch lingers, a closed one would go out at once)
         try:
             fut = await producer.send_batch(batch.builder, batch.topic, partition=batch.partition)
         except asyncio.CancelledError:

@@ -67,8 +67,13 @@ class KafkaSettings:
     """Replication factor of topics this transport creates (use 3 on a production cluster)."""
 
     # -- producer ----------------------------------------------------------------------
-    linger_ms: int = 5
-    """How long the producer waits to fill a batch (``acks`` is always ``all``)."""
+    linger_ms: int = 0
+    """How long a batch may wait for more records before it goes out (``acks`` is always ``all``).
+
+    0, aiokafka's default, is right for most services: the producer fills each batch
+    with everything published in one event-loop pass and while the partition's previous
+    batch is in flight, so batches grow with load without lingering. A few milliseconds
+    trade latency for bigger batches when publishes trickle in one at a time."""
     max_batch_size: int = 65_536
     """Bytes per partition batch."""
     compression_type: str | None = None

@@ -193,15 +193,17 @@ class KafkaTransport(Transport):
             except (KafkaError, MeshlinkError) as exc:
                 refused[(destination, delay)] = exc
         failures: list[tuple[int, BaseException]] = []
-        ready: list[tuple[int, Record]] = []
+        positions: list[int] = []  # of the records, in items
+        records: list[Record] = []
         for i, o in enumerate(items):
-            why = refused.get((o.destination, o.delay))
+            why = refused.get((o.destination, o.delay)) if refused else None
             if why is not None:
                 failures.append((i, why))
             else:
-                ready.append((i, self._record(o.destination, o.message, o.delay)))
-        results = await self._producer.send_many([r for _, r in ready])
-        for (i, _), err in zip(ready, results, strict=True):
+                positions.append(i)
+                records.append(self._record(o.destination, o.message, o.delay))
+        results = await self._producer.send_many(records)
+        for i, err in zip(positions, results, strict=True):
             if isinstance(err, asyncio.CancelledError):
                 raise err
             if err is not None:
