@@ -3,8 +3,8 @@
 meshlink is measured through what a user writes, nothing lower:
 
 * publish: ``await mesh.publish(destination, order, key=...)``, pipelined by
-  gathering ``--window`` publishes at a time, and ``transport.publish_many`` of
-  the same windows (envelopes built with ``mesh.message``);
+  gathering ``--window`` publishes at a time, and ``await mesh.publish_many(destination,
+  window, key=...)`` of the same windows;
 * consume: a ``Mesh`` handler ``async def handle(order: Order) -> None``, once
   with every default policy (retry with its retry topic, 60 s timeout, bulkhead
   = prefetch) and once bare (``retry=Retry.none(), timeout=None``), so that the
@@ -56,7 +56,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from pydantic import BaseModel
 
-from meshlink import Mesh, Message, Outgoing, Retry
+from meshlink import Mesh, Message, Retry
 from meshlink.codec import envelope as envelope_of
 from meshlink.logs import configure
 from meshlink_kafka import KafkaTransport
@@ -105,6 +105,11 @@ class Order(BaseModel):
     amount: float
     currency: str
     note: str
+
+
+def customer(order: Order) -> str:
+    """The key of an order."""
+    return order.customer
 
 
 def make_order(i: int) -> Order:
@@ -247,9 +252,7 @@ async def run_mesh(
 
         async def publish_many() -> None:
             for chunk in windows(orders, args.window):
-                await mesh.transport.publish_many(
-                    [Outgoing(destination=topic, message=mesh.message(o, key=o.customer)) for o in chunk]
-                )
+                await mesh.publish_many(topic, chunk, key=customer)
 
         async def consume() -> None:
             for s in subscriptions:

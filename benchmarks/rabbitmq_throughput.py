@@ -3,8 +3,8 @@
 meshlink is measured through what a user writes, nothing lower:
 
 * publish: ``await mesh.publish(destination, order)``, pipelined by gathering
-  ``--window`` publishes at a time, and ``transport.publish_many`` of the same
-  windows (envelopes built with ``mesh.message``);
+  ``--window`` publishes at a time, and ``await mesh.publish_many(destination, window)``
+  of the same windows;
 * consume: a ``Mesh`` handler ``async def handle(order: Order) -> None``, once
   with every default policy (retry with its retry destination, 60 s timeout,
   bulkhead) and once bare (``retry=Retry.none(), timeout=None``), so that the
@@ -40,7 +40,7 @@ from datetime import UTC, datetime
 import aio_pika
 from pydantic import BaseModel
 
-from meshlink import Mesh, Outgoing, Retry
+from meshlink import Mesh, Retry
 from meshlink.logs import configure
 
 URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -195,9 +195,7 @@ async def run_mesh(
 
         async def publish_many() -> None:
             for chunk in windows(orders, args.window):
-                await mesh.transport.publish_many(
-                    [Outgoing(destination=dest, message=mesh.message(o)) for o in chunk]
-                )
+                await mesh.publish_many(dest, chunk)
 
         async def consume() -> None:
             for s in subscriptions:

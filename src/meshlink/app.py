@@ -11,14 +11,13 @@ from typing import Any, TypeVar
 import structlog
 
 from meshlink.clock import Clock, SystemClock
-from meshlink.codec import envelope
 from meshlink.dispatch import Dispatcher
-from meshlink.errors import ConfigurationError, TransportClosedError
-from meshlink.events import Event, Listener, MeshDraining, MessagePublished
+from meshlink.errors import ConfigurationError
+from meshlink.events import Event, Listener, MeshDraining
 from meshlink.handler import HandlerSpec, UserHandler, inspect_handler
 from meshlink.logs import redact_url
-from meshlink.message import Message
 from meshlink.pipeline import Middleware
+from meshlink.publishing import Publisher
 from meshlink.resilience.breaker import Breaker, CircuitBreaker, shared_breaker
 from meshlink.resilience.bulkhead import Bulkhead
 from meshlink.resilience.defaults import DEFAULTS, UNSET, Policies, Unset, resolve
@@ -41,7 +40,7 @@ DEAD_LETTER_GROUP = "dlq"
 """The group declared on every dead-letter destination, which keeps its messages."""
 
 
-class Mesh:
+class Mesh(Publisher):
     """A service's connection to the message mesh: its handlers and its publisher.
 
     Args:
@@ -224,69 +223,6 @@ class Mesh:
                 listener(event)
             except Exception:
                 _log.exception("event listener failed", listener=repr(listener))
-
-    # -- publishing --------------------------------------------------------------------
-
-    def message(
-        self,
-        payload: object,
-        *,
-        key: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        type: str | None = None,
-        idempotency_key: str | None = None,
-        correlation_id: str | None = None,
-        causation_id: str | None = None,
-    ) -> Message:
-        """Build the envelope :meth:`publish` would send (useful for outboxes and tests)."""
-        return envelope(
-            payload,
-            source=self.service,
-            key=key,
-            headers=headers,
-            type=type,
-            idempotency_key=idempotency_key,
-            correlation_id=correlation_id,
-            causation_id=causation_id,
-        )
-
-    async def publish(
-        self,
-        destination: str,
-        payload: object,
-        *,
-        key: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        type: str | None = None,
-        idempotency_key: str | None = None,
-        correlation_id: str | None = None,
-        causation_id: str | None = None,
-        delay: float | None = None,
-    ) -> Message:
-        """Encode ``payload`` and publish it; returns once the broker confirmed it.
-
-        ``payload`` may be a pydantic model, anything pydantic can serialise, raw
-        ``bytes``, or a ready :class:`~meshlink.Message` (sent as is).
-
-        Raises:
-            TransportClosedError: the mesh is not started.
-            PublishError: the broker did not confirm (see its subclasses).
-        """
-        if not self._started:
-            raise TransportClosedError("the mesh is not started; call `await mesh.start()` first")
-        message = self.message(
-            payload,
-            key=key,
-            headers=headers,
-            type=type,
-            idempotency_key=idempotency_key,
-            correlation_id=correlation_id,
-            causation_id=causation_id,
-        )
-        await self.transport.publish(destination, message, delay=delay)
-        if self._listeners:
-            self.emit(MessagePublished(destination=destination, message=message, delay=delay))
-        return message
 
     # -- lifecycle -------------------------------------------------------------------------
 
