@@ -92,12 +92,13 @@ def record_of(topic: str, message: Message, extra: Mapping[str, str] | None = No
 class _Routes:
     """Where the records of one topic go: its partitions, and the partition of each key seen."""
 
-    __slots__ = ("keys", "partitions", "sticky")
+    __slots__ = ("keys", "open", "partitions", "sticky")
 
     def __init__(self, partitions: list[int]) -> None:
         self.partitions = partitions
         self.keys: dict[bytes, int] = {}
         self.sticky: int | None = None  # this flush's partition for records without a key
+        self.open: dict[int, _Batch] = {}  # this flush's batches not yet submitted, by partition
 
     def of(self, key: bytes | None) -> int:
         if key is None:
@@ -224,7 +225,12 @@ class Producer:
         if waiting:
             try:
                 async with asyncio.timeout(self._settings.publish_timeout):
-                    await asyncio.wait(waiting)
+                    # one by one, not asyncio.wait(): a batch's answer settles many at once, and
+                    # only the first unsettled one needs a wake-up (wait() schedules one per future)
+                    for fut in waiting:
+                        if not fut.done():
+                            with contextlib.suppress(Exception):  # its outcome is read below
+                                await fut
             except TimeoutError:
                 pass
             finally:
@@ -254,7 +260,6 @@ class Producer:
 
     async def _hand_over(self, items: list[Record]) -> None:
         """Fill one batch per partition with ``items`` and submit each (a full one at once)."""
-        open_batches: dict[tuple[str, int], _Batch] = {}
         topics: dict[str, _Routes | BaseException] = {}  # checked in this flush
         limit = self._settings.max_request_size
         estimate = DefaultRecordBatchBuilder.estimate_size_in_bytes
@@ -279,23 +284,27 @@ class Producer:
                     too_large = f"the record is {size} bytes, more than max_request_size ({limit})"
                     acked.set_exception(MessageSizeTooLargeError(too_large))
                     continue
-                where = (record.topic, routes.of(record.key))
-                batch = open_batches.get(where)
+                partition = routes.of(record.key)
+                batch = routes.open.get(partition)
                 if batch is None:
-                    batch = open_batches[where] = _Batch(producer.create_batch(), *where)
+                    batch = routes.open[partition] = _Batch(producer.create_batch(), record.topic, partition)
                 if not batch.add(record, acked):
-                    del open_batches[where]
+                    del routes.open[partition]
                     await self._submit(producer, batch)
-                    batch = open_batches[where] = _Batch(producer.create_batch(), *where)
+                    batch = routes.open[partition] = _Batch(producer.create_batch(), record.topic, partition)
                     batch.add(record, acked)
             i = len(items)
-            while open_batches:
-                batch = open_batches.pop(next(iter(open_batches)))
-                await self._submit(self._producer, batch)
+            for routes in topics.values():
+                if isinstance(routes, _Routes):
+                    while routes.open:
+                        await self._submit(self._producer, routes.open.pop(next(iter(routes.open))))
         except BaseException:
             # cancelled (the transport is closing) before these were handed over
-            for batch in open_batches.values():
-                _fail_unsent(batch.pending)
+            for routes in topics.values():
+                if isinstance(routes, _Routes):
+                    for batch in routes.open.values():
+                        _fail_unsent(batch.pending)
+                    routes.open.clear()
             _fail_unsent(record.acked for record in items[i:])
             raise
 
@@ -314,6 +323,7 @@ class Producer:
         if routes is None or routes.partitions != partitions:
             routes = self._routes[topic] = _Routes(partitions)
         routes.sticky = None  # a new flush: records without a key pick a partition afresh
+        routes.open = {}
         return routes
 
     async def _submit(self, producer: AIOKafkaProducer | None, batch: _Batch) -> None:
