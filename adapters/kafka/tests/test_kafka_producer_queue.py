@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 from aiokafka.errors import UnknownTopicOrPartitionError
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.producer.message_accumulator import MessageAccumulator
+from aiokafka.structs import TopicPartition
 
 from meshlink.errors import PublishError, PublishTimeoutError
 from meshlink_kafka import KafkaSettings
@@ -47,8 +49,12 @@ class _Client:
         self.batches: list[tuple[str, int, _Batch]] = []
         self.futures: list[asyncio.Future[object]] = []
         self.unknown: set[str] = set()
-        self.gate = asyncio.Event()
+        self.gate = asyncio.Event()  # every partition's
         self.gate.set()
+        self.held: set[int] = set()  # partitions whose previous batch has not gone out
+        self.released = asyncio.Event()
+        self.waiting = 0  # batches held back
+        self.stopped = False
 
     async def partitions_for(self, topic: str) -> set[int]:
         if topic in self.unknown:
@@ -60,18 +66,30 @@ class _Client:
 
     async def send_batch(self, batch: _Batch, topic: str, *, partition: int) -> asyncio.Future[object]:
         await self.gate.wait()  # the partition's previous batch not gone yet: a real client waits here
+        while partition in self.held:
+            self.waiting += 1
+            self.released.clear()
+            await self.released.wait()
+            self.waiting -= 1
         self.batches.append((topic, partition, batch))
         fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         self.futures.append(fut)
         return fut
+
+    def release(self, partition: int) -> None:
+        self.held.discard(partition)
+        self.released.set()
+
+    async def stop(self) -> None:
+        self.stopped = True
 
     @property
     def sent(self) -> list[bytes]:
         return [value for _, _, batch in self.batches for _, value in batch.records]
 
 
-def _producer(client: _Client, publish_timeout: float = 30.0, max_request_size: int = 1_048_576) -> Producer:
-    producer = Producer(KafkaSettings(publish_timeout=publish_timeout, max_request_size=max_request_size))
+def _producer(client: Any, publish_timeout: float = 30.0, **settings: Any) -> Producer:
+    producer = Producer(KafkaSettings(publish_timeout=publish_timeout, **settings))
     producer._producer = client  # type: ignore[assignment]
     return producer
 
@@ -148,6 +166,97 @@ async def _settle_all(client: _Client, records: int) -> None:
         await asyncio.sleep(0)
 
 
+async def test_a_slow_partition_holds_up_only_its_own_records_on_the_real_client_accumulator() -> None:
+    """aiokafka's own accumulator takes a partition's next batch only after the previous one
+    went out; a partition whose batch is stuck must not keep the others' records back."""
+    accumulator = MessageAccumulator(_OneNode(), 65_536, 0, 40.0, linger_ms=0)
+    client = _AccumulatorClient(accumulator, partitions=2)
+    producer = _producer(client, publish_timeout=30.0)
+    on_0, on_1 = _key_on(0, 2), _key_on(1, 2)
+    first = asyncio.ensure_future(producer.send(_record(b"a", on_0)))
+    await _until(lambda: _queued_in(accumulator) == {0: 1})  # taken, never sent (no sender)
+    second = asyncio.ensure_future(producer.send(_record(b"b", on_0)))  # waits for the first to go
+    other = asyncio.ensure_future(producer.send(_record(b"c", on_1)))
+    await _until(lambda: _queued_in(accumulator) == {0: 1, 1: 1})
+    drained, _ = accumulator.drain_by_nodes(ignore_nodes=set())
+    for batch in drained[0].values():
+        if batch.tp.partition == 1:
+            batch.done(base_offset=0)
+    await _until(other.done)  # answered while partition 0 is still stuck
+    await other
+    assert not first.done()
+    assert not second.done()
+    first.cancel()
+    second.cancel()
+
+
+class _OneNode:
+    def leader_for_partition(self, tp: TopicPartition) -> int:
+        return 0
+
+
+class _AccumulatorClient:
+    """create_batch/send_batch as AIOKafkaProducer does them, on aiokafka's real accumulator."""
+
+    def __init__(self, accumulator: MessageAccumulator, partitions: int) -> None:
+        self.accumulator = accumulator
+        self.partitions = set(range(partitions))
+
+    async def partitions_for(self, topic: str) -> set[int]:
+        return self.partitions
+
+    def create_batch(self) -> Any:
+        return self.accumulator.create_builder()
+
+    async def send_batch(self, batch: Any, topic: str, *, partition: int) -> Any:
+        return await self.accumulator.add_batch(batch, TopicPartition(topic, partition), 40.0)
+
+
+def _key_on(partition: int, partitions: int) -> bytes:
+    """A key that aiokafka's default partitioner puts on ``partition``."""
+    i = 0
+    while DefaultPartitioner()(key := b"key-%d" % i, list(range(partitions)), []) != partition:
+        i += 1
+    return key
+
+
+def _queued_in(accumulator: MessageAccumulator) -> dict[int, int]:
+    return {tp.partition: len(q) for tp, q in accumulator._batches.items() if q}
+
+
+async def test_a_record_the_client_cannot_encode_fails_alone() -> None:
+    client = _Client()
+    producer = _producer(client)
+    bad = Record("t", None, "not bytes", [], "bad")  # type: ignore[arg-type]
+    results = await asyncio.gather(
+        producer.send_many([_record(b"a"), bad, _record(b"c")]),
+        _settle_all(client, 2),
+    )
+    first, second, third = results[0]
+    assert first is None
+    assert third is None
+    assert isinstance(second, PublishError)
+    assert second.retryable is False
+    assert client.sent == [b"a", b"c"]
+
+
+async def test_records_without_a_key_go_only_to_partitions_with_a_leader() -> None:
+    client = _Client(partitions=6, capacity=5)
+    client.client = _Cluster({4, 5})  # type: ignore[attr-defined]
+    producer = _producer(client, max_batch_size=200)
+    await asyncio.gather(*(producer.send(_record(b"x" * 50)) for _ in range(40)), _settle_all(client, 40))
+    assert {partition for _, partition, _ in client.batches} <= {4, 5}
+
+
+class _Cluster:
+    def __init__(self, available: set[int]) -> None:
+        self.cluster = self
+        self.available = available
+
+    def available_partitions_for_topic(self, topic: str) -> set[int]:
+        return self.available
+
+
 async def test_a_record_too_large_for_a_request_fails_alone() -> None:
     client = _Client()
     producer = _producer(client, max_request_size=1_000)
@@ -178,20 +287,22 @@ async def test_a_topic_without_metadata_fails_only_its_own_records() -> None:
 
 async def test_a_publish_that_times_out_while_queued_is_never_handed_to_the_client() -> None:
     client = _Client()
-    client.gate.clear()  # the client holds the first batch: what comes next stays queued
+    client.held.add(0)  # the client holds the first batch: what comes next waits on the lane
     producer = _producer(client, publish_timeout=0.05)
     first = asyncio.ensure_future(producer.send(_record(b"first")))
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
+    await _until(lambda: client.waiting == 1)
     second = asyncio.ensure_future(producer.send(_record(b"second")))
     with pytest.raises(PublishTimeoutError):
         await second
-    client.gate.set()
-    await _until(lambda: len(client.futures) == 1)
-    await asyncio.sleep(0)
-    assert client.sent == [b"first"]  # the timed-out one was skipped
     with pytest.raises(PublishTimeoutError):
-        await first  # its own deadline passed while the client held it
+        await first  # its own deadline passed while the client held it: outcome unknown
+    client.release(0)
+    await _until(lambda: len(client.futures) == 1)
+    third = asyncio.ensure_future(producer.send(_record(b"third")))
+    await _until(lambda: len(client.futures) == 2)
+    assert client.sent == [b"first", b"third"]  # the timed-out one waiting on the lane was left out
+    client.futures[1].set_result(None)
+    await third
 
 
 async def test_send_many_past_its_deadline_reports_every_unanswered_record_as_unknown() -> None:
@@ -218,13 +329,12 @@ async def test_a_batch_the_client_drops_is_an_unknown_outcome_not_a_cancel() -> 
 
 async def test_records_queued_when_the_producer_stops_fail_with_a_publish_error() -> None:
     client = _Client(capacity=1)
-    client.gate.clear()
+    client.held.add(0)
     producer = _producer(client)
     sends = [asyncio.ensure_future(producer.send(_record(b"%d" % i))) for i in range(3)]
-    await _until(lambda: producer._flusher is not None)
-    await asyncio.sleep(0)
-    producer._producer = None  # stopped: the flusher cannot hand over the rest
-    client.gate.set()
+    await _until(lambda: client.waiting == 1)  # the first is being handed over, two wait on the lane
+    producer._producer = None  # stopped: the lane cannot hand over the rest
+    client.release(0)
     await _until(lambda: len(client.futures) == 1)
     client.futures[0].set_result(None)
     results = await asyncio.gather(*sends, return_exceptions=True)
@@ -232,22 +342,23 @@ async def test_records_queued_when_the_producer_stops_fail_with_a_publish_error(
     assert all(isinstance(r, PublishError) for r in results[1:])
 
 
-async def test_a_flusher_cancelled_while_the_client_holds_a_batch_fails_what_it_never_handed_over() -> None:
+async def test_stop_fails_what_the_client_never_took_and_leaves_the_rest_to_the_broker() -> None:
     client = _Client(capacity=1)
-    producer = _producer(client)
+    producer = _producer(client, close_timeout=0.05)
     first = asyncio.ensure_future(producer.send(_record(b"first")))
     await _until(lambda: len(client.futures) == 1)
-    client.gate.clear()
+    client.held.add(0)  # the first batch never goes out: the client waits with the second
     rest = [asyncio.ensure_future(producer.send(_record(b"%d" % i))) for i in range(3)]
-    await _until(lambda: producer._flusher is not None and not producer._queued)
-    flusher = producer._flusher
-    assert flusher is not None
-    flusher.cancel()  # what closing the transport does
+    await _until(lambda: client.waiting == 1)  # one of them in a batch the client holds back
+    await producer.stop()
+    assert client.stopped
     results = await asyncio.gather(*rest, return_exceptions=True)
     assert all(isinstance(r, PublishError) and "before sending" in str(r) for r in results)
     assert not first.done()  # handed over: only the broker's answer settles it
     client.futures[0].set_result(None)
     await first
+    with pytest.raises(PublishError, match="closed"):
+        await producer.send(_record(b"late"))
 
 
 async def test_answered_publishes_leave_the_deadline_queue_and_one_timer_serves_them_all() -> None:

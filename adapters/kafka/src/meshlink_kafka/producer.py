@@ -1,38 +1,40 @@
 """Producing: envelope in record headers, key to partition, ``acks=all``, a deadline on every publish.
 
-Every publish, single or many, joins one queue. One flusher task hands what has
-queued to the client as record batches that it fills itself, one open batch per
-partition (aiokafka's public ``create_batch()``/``send_batch()``), instead of a
-``send()`` per record. ``send()`` costs more than the rest of a publish put
-together: a coroutine, a metadata check, a size check, the pure-Python murmur2
-hash of the key and a future, for every record (``benchmarks/kafka_throughput.py``
-measures both). Here a key's partition is hashed once per topic and partition
-count and remembered, and the broker's answer to a batch settles all of its
-publishes in one callback.
+Every publish, single or many, joins one queue. A flusher task sorts what has
+queued into record batches that it fills itself, one open batch per partition
+(aiokafka's public ``create_batch()``/``send_batch()``), instead of a ``send()``
+per record: ``send()`` costs more than the rest of a publish put together (a
+coroutine, a metadata check, a size check, the pure-Python murmur2 hash of the
+key and a future, for every record; ``benchmarks/kafka_throughput.py`` measures
+both). Here a key's partition is hashed once per topic and partition count and
+remembered, and the broker's answer to a batch settles all its publishes in one
+callback. Each partition's batches are handed over by that partition's own task
+(a :class:`~meshlink_kafka.batches.Lane`), because the client takes a
+partition's next batch only after its previous one went out: a slow partition
+holds up only its own records, and what is published meanwhile fills its next
+batch.
 
 What a publisher sees is what ``send()`` gives:
 
 * the key picks the partition as aiokafka's default partitioner and the Java
   client do (murmur2 of the key bytes modulo the partition count), so meshlink
   and any other producer put one key on one partition. Records without a key go
-  to a random partition, the same one for the rest of the flush, so that they
-  share a batch (Kafka's "sticky" partitioning, KIP-480);
-* records of one partition reach it in publish order (one open batch per
-  partition; the client sends a partition's batches in order);
-* a record larger than ``max_request_size`` fails alone, with
-  ``MessageSizeTooLargeError``, and a topic whose metadata cannot be had fails
-  only the records for that topic; a batch the broker refuses fails its own
-  publishes;
+  to a random partition that has a leader, the same one until its batch is full,
+  so that they share batches (Kafka's "sticky" partitioning, KIP-480);
+* records of one partition reach it in publish order;
+* a record larger than ``max_request_size``, or one the client cannot encode,
+  fails alone; a topic whose metadata cannot be had fails only its own records;
+  a batch the broker refuses fails its own publishes;
 * idempotent and transactional producing work unchanged: the client stamps the
-  producer id and sequence numbers on a batch when it sends it.
+  producer id and sequence numbers on a batch when it sends it;
+* ``linger_ms`` applies: batches are handed over open, and the client closes them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
@@ -41,37 +43,15 @@ from aiokafka.errors import (
     MessageSizeTooLargeError,
     UnknownTopicOrPartitionError,
 )
-from aiokafka.partitioner import murmur2
-from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from meshlink.deadlines import DeadlineLedger
 from meshlink.errors import PublishError, PublishTimeoutError
 from meshlink.message import Message
+from meshlink_kafka.batches import Acked, Batch, Lane, Record, Routes, fail_unsent
 from meshlink_kafka.settings import KafkaSettings
 
 __all__ = ["Producer", "Record", "record_of"]
-
-Headers = list[tuple[str, bytes]]
-_Acked = asyncio.Future[object]
-_MAX_KEYS = 65_536
-"""Remembered key partitions per topic; past this many the memory starts afresh."""
-
-
-class Record:
-    """One record ready for the wire (and, once queued, the future its publisher waits on)."""
-
-    __slots__ = ("acked", "headers", "key", "message_id", "topic", "value")
-
-    def __init__(
-        self, topic: str, key: bytes | None, value: bytes, headers: Headers, message_id: str
-    ) -> None:
-        self.topic = topic
-        self.key = key
-        self.value = value
-        self.headers = headers
-        self.message_id = message_id
-        self.acked: _Acked | None = None
 
 
 def record_of(topic: str, message: Message, extra: Mapping[str, str] | None = None) -> Record:
@@ -89,75 +69,19 @@ def record_of(topic: str, message: Message, extra: Mapping[str, str] | None = No
     )
 
 
-class _Routes:
-    """Where the records of one topic go: its partitions, and the partition of each key seen."""
-
-    __slots__ = ("keys", "open", "partitions", "sticky")
-
-    def __init__(self, partitions: list[int]) -> None:
-        self.partitions = partitions
-        self.keys: dict[bytes, int] = {}
-        self.sticky: int | None = None  # this flush's partition for records without a key
-        self.open: dict[int, _Batch] = {}  # this flush's batches not yet submitted, by partition
-
-    def of(self, key: bytes | None) -> int:
-        if key is None:
-            if self.sticky is None:
-                self.sticky = random.choice(self.partitions)
-            return self.sticky
-        partition = self.keys.get(key)
-        if partition is None:
-            if len(self.keys) >= _MAX_KEYS:
-                self.keys.clear()
-            # aiokafka's DefaultPartitioner (and the Java client's), remembered
-            partition = self.keys[key] = self.partitions[(murmur2(key) & 0x7FFFFFFF) % len(self.partitions)]
-        return partition
-
-
-class _Batch:
-    """An open batch for one partition and the publishes waiting on it."""
-
-    __slots__ = ("builder", "partition", "pending", "topic")
-
-    def __init__(self, builder: BatchBuilder, topic: str, partition: int) -> None:
-        self.builder = builder
-        self.topic = topic
-        self.partition = partition
-        self.pending: list[_Acked] = []
-
-    def add(self, record: Record, acked: _Acked) -> bool:
-        """Append ``record``; ``False`` when the batch is full (an empty one takes any record)."""
-        appended = self.builder.append(
-            timestamp=None, key=record.key, value=record.value, headers=record.headers
-        )
-        if appended is None:
-            return False
-        self.pending.append(acked)
-        return True
-
-    def settle(self, fut: asyncio.Future[object]) -> None:
-        """The broker's answer for the whole batch, passed to every publish in it."""
-        for acked in self.pending:
-            _pass_on(acked, fut)
-
-    def fail(self, exc: BaseException) -> None:
-        for acked in self.pending:
-            if not acked.done():
-                acked.set_exception(exc)
-
-
 class Producer:
-    """The transport's single producer: one queue and one flusher for every publish."""
+    """The transport's single producer: one queue, a flusher, and a lane per partition."""
 
     def __init__(self, settings: KafkaSettings) -> None:
         self._settings = settings
         self._producer: AIOKafkaProducer | None = None
+        self._closing = False
         self._queued: list[Record] = []  # each with its ``acked`` future
         self._flusher: asyncio.Task[None] | None = None
-        self._routes: dict[str, _Routes] = {}
+        self._routes: dict[str, Routes] = {}
         # every single publish has the same deadline: one ledger and one timer for all of them,
         # not asyncio.timeout() per publish (a timer pushed on the loop's heap and cancelled)
-        self._deadlines: DeadlineLedger[_Acked] | None = None
+        self._deadlines: DeadlineLedger[Acked] | None = None
 
     async def start(self) -> None:
         """Connect (raises aiokafka errors when the cluster is unreachable)."""
@@ -168,23 +92,47 @@ class Producer:
             await asyncio.wait_for(producer.stop(), self._settings.close_timeout)
             raise
         self._producer = producer
+        self._closing = False
 
     async def stop(self) -> None:
-        """Flush and disconnect, bounded by ``close_timeout``."""
+        """Hand what was published to the client (within ``close_timeout``), then let the client
+        flush and disconnect (within ``close_timeout`` again).
+
+        Publishes made from now on fail at once. What cannot be handed over in time
+        fails with ``PublishError`` (never sent); what the client holds but the
+        broker has not answered fails as an unknown outcome.
+        """
         if self._producer is None:
             return
+        self._closing = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.close_timeout
+        while (busy := self._busy()) and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(busy, timeout=left)
+        busy = self._busy()
+        for task in busy:
+            task.cancel()
+        await asyncio.gather(*busy, return_exceptions=True)
+        for routes in self._routes.values():
+            for lane in routes.lanes.values():
+                lane.fail_unsent()
         producer, self._producer = self._producer, None
         # brokers unreachable: unsent records are lost to us, and their publishers were told
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(TimeoutError):  # the client's own flush: a deadline of its own
             await asyncio.wait_for(producer.stop(), self._settings.close_timeout)
 
-    def _queue(self, record: Record, loop: asyncio.AbstractEventLoop) -> _Acked:
+    def _busy(self) -> list[asyncio.Task[None]]:
+        """The flusher and the lanes still handing records over."""
+        tasks = [lane.task for routes in self._routes.values() for lane in routes.lanes.values()]
+        return [t for t in (self._flusher, *tasks) if t is not None]
+
+    def _queue(self, record: Record, loop: asyncio.AbstractEventLoop) -> Acked:
         """Queue ``record`` for the flusher; the future gets the broker's answer."""
-        if self._producer is None:
+        if self._producer is None or self._closing:
             raise PublishError(
                 "kafka producer is closed", destination=record.topic, message_id=record.message_id
             )
-        acked: _Acked = loop.create_future()
+        acked: Acked = loop.create_future()
         if record.acked is not None:  # queued again (a retried publish): a new future, a new record
             record = Record(record.topic, record.key, record.value, record.headers, record.message_id)
         record.acked = acked
@@ -214,7 +162,7 @@ class Producer:
         """Send every record pipelined (one deadline for all); ``None`` or the error for each, in order."""
         loop = asyncio.get_running_loop()
         results: list[BaseException | None] = [None] * len(records)
-        futures: list[_Acked | None] = []
+        futures: list[Acked | None] = []
         for i, record in enumerate(records):
             try:
                 futures.append(self._queue(record, loop))
@@ -244,25 +192,26 @@ class Producer:
                 results[i] = _translate(error, records[i])
         return results
 
-    # -- the flusher ----------------------------------------------------------------------
+    # -- the flusher and the lanes ----------------------------------------------------------
 
     async def _flush(self) -> None:
-        """Hand every queued record to the client, in order, until the queue is empty."""
+        """Sort every queued record onto its partition's lane, until the queue is empty."""
         try:
             while self._queued:
                 items, self._queued = self._queued, []
-                await self._hand_over(items)
+                await self._sort(items)
         finally:
             self._flusher = None
-            # never taken from the queue (this task was cancelled: the transport is closing)
-            _fail_unsent(record.acked for record in self._queued)
+            # never taken from the queue (this task was cancelled: the producer is stopping)
+            fail_unsent(record.acked for record in self._queued)
             self._queued = []
 
-    async def _hand_over(self, items: list[Record]) -> None:
-        """Fill one batch per partition with ``items`` and submit each (a full one at once)."""
-        topics: dict[str, _Routes | BaseException] = {}  # checked in this flush
+    async def _sort(self, items: list[Record]) -> None:
+        """Put each record on its partition's lane; start the lanes that got records."""
+        topics: dict[str, Routes | BaseException] = {}  # checked once per flush
         limit = self._settings.max_request_size
         estimate = DefaultRecordBatchBuilder.estimate_size_in_bytes
+        loop = asyncio.get_running_loop()
         i = 0
         try:
             for i, record in enumerate(items):  # noqa: B007 (read in the clean-up)
@@ -279,36 +228,42 @@ class Producer:
                 if isinstance(routes, BaseException):
                     acked.set_exception(routes)
                     continue
-                size = estimate(record.key, record.value, record.headers)
+                try:
+                    size = estimate(record.key, record.value, record.headers)
+                except Exception as exc:  # this record's outcome (a body that is not bytes…)
+                    acked.set_exception(exc)
+                    continue
                 if size > limit:
                     too_large = f"the record is {size} bytes, more than max_request_size ({limit})"
                     acked.set_exception(MessageSizeTooLargeError(too_large))
                     continue
-                partition = routes.of(record.key)
-                batch = routes.open.get(partition)
-                if batch is None:
-                    batch = routes.open[partition] = _Batch(producer.create_batch(), record.topic, partition)
-                if not batch.add(record, acked):
-                    del routes.open[partition]
-                    await self._submit(producer, batch)
-                    batch = routes.open[partition] = _Batch(producer.create_batch(), record.topic, partition)
-                    batch.add(record, acked)
-            i = len(items)
-            for routes in topics.values():
-                if isinstance(routes, _Routes):
-                    while routes.open:
-                        await self._submit(self._producer, routes.open.pop(next(iter(routes.open))))
+                lane = routes.lane(routes.of(record.key, size), record.topic)
+                lane.records.append(record)
+                if lane.task is None:
+                    lane.task = loop.create_task(self._hand_over(lane))
         except BaseException:
-            # cancelled (the transport is closing) before these were handed over
-            for routes in topics.values():
-                if isinstance(routes, _Routes):
-                    for batch in routes.open.values():
-                        _fail_unsent(batch.pending)
-                    routes.open.clear()
-            _fail_unsent(record.acked for record in items[i:])
+            # cancelled (the producer is stopping) while waiting for metadata: the records
+            # from here on are on no lane (those before are the lanes' to settle)
+            fail_unsent(record.acked for record in items[i:])
             raise
 
-    async def _routes_of(self, producer: AIOKafkaProducer, topic: str) -> _Routes | BaseException:
+    async def _hand_over(self, lane: Lane) -> None:
+        """Hand a lane's records to the client in batches, in order (each batch waits for the
+        partition's previous one to go out)."""
+        try:
+            while (producer := self._producer) is not None and (batch := lane.next_batch(producer)):
+                await self._submit(producer, batch)
+        except Exception as exc:  # pragma: no cover - the client could not even make a batch
+            for record in lane.records:
+                if record.acked is not None and not record.acked.done():
+                    record.acked.set_exception(PublishError(f"kafka producer failed: {exc!r}"))
+            lane.records.clear()
+        finally:
+            lane.task = None
+            if self._producer is None:  # stopped (or stopping): what is left is never sent
+                lane.fail_unsent()
+
+    async def _routes_of(self, producer: AIOKafkaProducer, topic: str) -> Routes | BaseException:
         """The topic's routes, checked against its current partitions, or why there are none."""
         try:
             known: set[int] = await producer.partitions_for(topic)
@@ -321,58 +276,45 @@ class Producer:
             return empty
         routes = self._routes.get(topic)
         if routes is None or routes.partitions != partitions:
-            routes = self._routes[topic] = _Routes(partitions)
-        routes.sticky = None  # a new flush: records without a key pick a partition afresh
-        routes.open = {}
+            routes = Routes(partitions, self._settings.max_batch_size)
+            if topic in self._routes:  # the partition count changed: batches already filled still go
+                routes.lanes = self._routes[topic].lanes
+            self._routes[topic] = routes
+        cluster = getattr(getattr(producer, "client", None), "cluster", None)
+        available = cluster.available_partitions_for_topic(topic) if cluster is not None else None
+        routes.available = sorted(available) if available else partitions
+        if routes.sticky is not None and routes.sticky not in routes.available:
+            routes.sticky = None
         return routes
 
-    async def _submit(self, producer: AIOKafkaProducer | None, batch: _Batch) -> None:
+    async def _submit(self, producer: AIOKafkaProducer, batch: Batch) -> None:
         """Hand a batch to the client (it may wait for the partition's previous batch to go out)."""
-        if producer is None:
-            batch.fail(PublishError("kafka producer is closed", destination=batch.topic))
-            return
-        # left open: the client closes it when it sends it, after ``linger_ms`` (nothing else
-        # appends to it; an open batch lingers, a closed one would go out at once)
+        # left open: the client closes it when it sends it, after ``linger_ms``
         try:
             fut = await producer.send_batch(batch.builder, batch.topic, partition=batch.partition)
         except asyncio.CancelledError:
-            _fail_unsent(batch.pending)  # the client takes a batch without suspending: not taken
+            fail_unsent(batch.pending)  # the client takes a batch without suspending: not taken
             raise
-        except Exception as exc:  # this batch's outcome, not the flusher's
+        except KafkaError as exc:
             batch.fail(exc)
+            return
+        except Exception as exc:  # not the client's word on the batch (e.g. an assertion): ours
+            batch.fail(
+                PublishError(f"kafka client could not take the batch: {exc!r}", destination=batch.topic)
+            )
             return
         fut.add_done_callback(batch.settle)
 
 
-def _fail_unsent(waiting: Iterable[_Acked | None]) -> None:
-    for acked in waiting:
-        if acked is not None and not acked.done():
-            acked.set_exception(PublishError("kafka producer stopped before sending"))
-
-
-def _time_out(acked: _Acked) -> None:
+def _time_out(acked: Acked) -> None:
     """A publish past its deadline: unknown outcome, as under ``asyncio.timeout``."""
     if not acked.done():
         acked.set_exception(TimeoutError())
 
 
-def _pass_on(acked: _Acked, fut: asyncio.Future[object]) -> None:
-    """Copy the client's delivery outcome to the publisher's future (unless it gave up)."""
-    if acked.done():
-        if not fut.cancelled():
-            fut.exception()  # retrieved: nobody waits for it any more
-        return
-    if fut.cancelled():  # the client dropped it (stopping): the outcome is unknown, not a cancel
-        acked.set_exception(PublishTimeoutError("kafka producer stopped before the broker answered"))
-    elif (exc := fut.exception()) is not None:
-        acked.set_exception(exc)
-    else:
-        acked.set_result(None)
-
-
 def _translate(exc: BaseException, record: Record) -> BaseException:
     """aiokafka's and asyncio's errors as meshlink's (cancellation passes through)."""
-    if isinstance(exc, asyncio.CancelledError | PublishError):
+    if isinstance(exc, asyncio.CancelledError | PublishError) or not isinstance(exc, Exception):
         return exc
     where = {"destination": record.topic, "message_id": record.message_id}
     if isinstance(exc, TimeoutError | KafkaTimeoutError):
@@ -383,4 +325,6 @@ def _translate(exc: BaseException, record: Record) -> BaseException:
         return err
     if isinstance(exc, KafkaError):
         return PublishError(f"kafka refused the message: {exc}", **where)
-    return exc
+    err = PublishError(f"the record cannot be sent: {exc!r}", **where)
+    err.retryable = False
+    return err
