@@ -103,6 +103,8 @@ class _RefusingTransport(MemoryTransport):
 
 async def test_the_messages_not_confirmed_are_named_by_index_and_the_others_arrive(memory_url: str) -> None:
     mesh = Mesh(_RefusingTransport(memory_url))
+    heard: list[Event] = []
+    mesh.add_listener(heard.append)
 
     @mesh.handler("orders")
     async def handle(order: dict[str, Any]) -> None:
@@ -114,4 +116,8 @@ async def test_the_messages_not_confirmed_are_named_by_index_and_the_others_arri
         await h.idle()
     assert [i for i, _ in caught.value.failures] == [1]
     assert caught.value.total == 3
+    sent = caught.value.messages
+    assert [m.body for m in sent] == [b'{"n":0}', b'{"n":"refused"}', b'{"n":2}']
+    published = [e.message for e in heard if isinstance(e, MessagePublished)]
+    assert published == [sent[0], sent[2]]  # only the confirmed ones
     assert sorted(p["n"] for p in h.payloads("handle")) == [0, 2]

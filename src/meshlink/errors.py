@@ -32,6 +32,10 @@ attributes so listeners and logs need not parse the text.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from meshlink.message import Message
 
 __all__ = [
     "AlreadySettledError",
@@ -140,6 +144,8 @@ class PublishBatchError(PublishError):
         super().__init__(f"{len(failures)} of {total} messages were not confirmed")
         self.failures = list(failures)
         self.total = total
+        self.messages: list[Message] = []
+        """The messages of the call, in order, where the caller built them (``Mesh.publish_many``)."""
 
 
 class DeliveryError(TransportError):

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from meshlink.codec import envelope
-from meshlink.errors import TransportClosedError
+from meshlink.errors import PublishBatchError, TransportClosedError
 from meshlink.events import Event, Listener, MessagePublished
 from meshlink.message import Message
 from meshlink.transport.base import Outgoing, Transport
@@ -110,8 +110,8 @@ class Publisher:
         awaiting one :meth:`publish` after another, and cheaper than gathering
         them. ``key`` is one key for all, or a function of each payload (for
         example ``key=lambda order: order.customer``). Each message gets its own id;
-        a ready :class:`~meshlink.Message` is sent as is. Messages of one key reach
-        its partition or queue in the order given.
+        a ready :class:`~meshlink.Message` is sent as is. On Kafka one key's
+        messages reach its partition in the order given.
 
         Returns:
             The messages sent, in the order of ``payloads``.
@@ -120,7 +120,7 @@ class Publisher:
             TransportClosedError: the mesh is not started.
             EncodeError: a payload cannot be encoded (nothing was sent).
             PublishBatchError: naming, by index, each message that was not
-                confirmed; every other one was.
+                confirmed; every other one was (its ``messages`` are the ones sent).
         """
         if not self._started:
             raise TransportClosedError("the mesh is not started; call `await mesh.start()` first")
@@ -138,10 +138,19 @@ class Publisher:
             )
             for payload, k in zip(items, keys, strict=True)
         ]
-        await self.transport.publish_many(
-            [Outgoing(destination=destination, message=m, delay=delay) for m in messages]
-        )
+        try:
+            await self.transport.publish_many(
+                [Outgoing(destination=destination, message=m, delay=delay) for m in messages]
+            )
+        except PublishBatchError as exc:
+            exc.messages = messages
+            failed = {i for i, _ in exc.failures}
+            self._published(destination, [m for i, m in enumerate(messages) if i not in failed], delay)
+            raise
+        self._published(destination, messages, delay)
+        return messages
+
+    def _published(self, destination: str, messages: list[Message], delay: float | None) -> None:
         if self._listeners:
             for m in messages:
                 self.emit(MessagePublished(destination=destination, message=m, delay=delay))
-        return messages
