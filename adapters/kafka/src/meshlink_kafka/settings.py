@@ -70,9 +70,9 @@ class KafkaSettings:
     linger_ms: int = 0
     """How long a batch may wait for more records before it goes out (``acks`` is always ``all``).
 
-    0, aiokafka's default, is right for most services: the producer fills each batch
-    with everything published in one event-loop pass and while the partition's previous
-    batch is in flight, so batches grow with load without lingering. A few milliseconds
+    0, aiokafka's default, is right for most services: a batch takes everything
+    published for its partition while the partition's previous batch waits to go out,
+    so batches grow with load without lingering. A few milliseconds
     trade latency for bigger batches when publishes trickle in one at a time."""
     max_batch_size: int = 65_536
     """Bytes per partition batch."""
