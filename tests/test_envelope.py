@@ -153,6 +153,26 @@ def test_header_pairs_of_many_distinct_types_stay_right_and_their_memory_bounded
     assert len(message_module._TYPE_PAIRS) <= message_module._MAX_PAIRS
 
 
+def test_a_message_rebuilt_from_headers_is_a_frozen_message_like_one_constructed() -> None:
+    import dataclasses
+
+    built = Message(body=b"{}", type="T", source="s", key="k", correlation_id="c", attempt=3)
+    rebuilt = Message.from_headers(built.to_headers(), built.body, key="k")
+    assert type(rebuilt) is Message
+    assert rebuilt == built
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rebuilt.attempt = 4  # type: ignore[misc]
+    assert dataclasses.replace(rebuilt, attempt=4).attempt == 4
+
+    class Custom(Message):
+        __slots__ = ()
+
+    custom = Custom.from_headers(built.to_headers(), built.body, key="k")
+    assert type(custom) is Custom
+    assert custom.correlation_id == "c"
+    assert custom.attempt == 3
+
+
 def test_decode_failure_is_a_typed_non_retryable_error() -> None:
     decode = Decoder(Item)
     assert decode(b'{"sku":"a","qty":2}') == Item(sku="a", qty=2)
