@@ -361,6 +361,26 @@ async def test_stop_fails_what_the_client_never_took_and_leaves_the_rest_to_the_
         await producer.send(_record(b"late"))
 
 
+async def test_two_stops_at_once_are_one_and_a_restarted_producer_sends_on_every_lane() -> None:
+    client = _Client()
+    client.held.add(0)
+    producer = _producer(client, close_timeout=1e-9)  # stop cancels whatever still runs, at once
+    send = asyncio.ensure_future(producer.send(_record(b"lost")))
+    await _until(lambda: any(lane.task for r in producer._routes.values() for lane in r.lanes.values()))
+    await asyncio.gather(producer.stop(), producer.stop())  # the second waits for the first
+    assert client.stopped
+    with pytest.raises(PublishError, match="before sending"):
+        await send
+    # every lane is free again, whether its task was cancelled before or after its first step
+    assert producer._flusher is None
+    assert all(lane.task is None for r in producer._routes.values() for lane in r.lanes.values())
+    client.release(0)
+    producer._producer = client  # what start() does with a new client
+    producer._closing = False
+    await asyncio.gather(producer.send(_record(b"after")), _settle_all(client, 1))
+    assert client.sent == [b"after"]
+
+
 async def test_answered_publishes_leave_the_deadline_queue_and_one_timer_serves_them_all() -> None:
     """The deadlines of single publishes share one timer, and answered ones are forgotten
     (a steady stream of publishes holds no more than the unanswered ones)."""

@@ -76,6 +76,7 @@ class Producer:
         self._settings = settings
         self._producer: AIOKafkaProducer | None = None
         self._closing = False
+        self._lifecycle = asyncio.Lock()
         self._queued: list[Record] = []  # each with its ``acked`` future
         self._flusher: asyncio.Task[None] | None = None
         self._routes: dict[str, Routes] = {}
@@ -85,14 +86,15 @@ class Producer:
 
     async def start(self) -> None:
         """Connect (raises aiokafka errors when the cluster is unreachable)."""
-        producer = AIOKafkaProducer(**self._settings.producer_kwargs())
-        try:
-            await producer.start()
-        except BaseException:
-            await asyncio.wait_for(producer.stop(), self._settings.close_timeout)
-            raise
-        self._producer = producer
-        self._closing = False
+        async with self._lifecycle:  # after a stop() still under way, not during it
+            producer = AIOKafkaProducer(**self._settings.producer_kwargs())
+            try:
+                await producer.start()
+            except BaseException:
+                await asyncio.wait_for(producer.stop(), self._settings.close_timeout)
+                raise
+            self._producer = producer
+            self._closing = False
 
     async def stop(self) -> None:
         """Hand what was published to the client (within ``close_timeout``), then let the client
@@ -100,31 +102,39 @@ class Producer:
 
         Publishes made from now on fail at once. What cannot be handed over in time
         fails with ``PublishError`` (never sent); what the client holds but the
-        broker has not answered fails as an unknown outcome.
+        broker has not answered fails as an unknown outcome. A second call waits
+        for the first.
         """
-        if self._producer is None:
-            return
-        self._closing = True
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._settings.close_timeout
-        while (busy := self._busy()) and (left := deadline - loop.time()) > 0:
-            await asyncio.wait(busy, timeout=left)
-        busy = self._busy()
-        for task in busy:
-            task.cancel()
-        await asyncio.gather(*busy, return_exceptions=True)
-        for routes in self._routes.values():
-            for lane in routes.lanes.values():
-                lane.fail_unsent()
-        producer, self._producer = self._producer, None
-        # brokers unreachable: unsent records are lost to us, and their publishers were told
-        with contextlib.suppress(TimeoutError):  # the client's own flush: a deadline of its own
-            await asyncio.wait_for(producer.stop(), self._settings.close_timeout)
+        async with self._lifecycle:
+            producer = self._producer
+            if producer is None:
+                return
+            self._closing = True
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self._settings.close_timeout
+            while (busy := self._busy()) and (left := deadline - loop.time()) > 0:
+                await asyncio.wait(busy, timeout=left)
+            busy = self._busy()
+            for task in busy:
+                task.cancel()
+            await asyncio.gather(*busy, return_exceptions=True)
+            # a task cancelled before its first step never ran its clean-up: do it here
+            self._flusher = None
+            fail_unsent(record.acked for record in self._queued)
+            self._queued = []
+            for routes in self._routes.values():
+                for lane in routes.lanes.values():
+                    lane.task = None
+                    lane.fail_unsent()
+            self._producer = None
+            # brokers unreachable: unsent records are lost to us, and their publishers were told
+            with contextlib.suppress(TimeoutError):  # the client's own flush: a deadline of its own
+                await asyncio.wait_for(producer.stop(), self._settings.close_timeout)
 
     def _busy(self) -> list[asyncio.Task[None]]:
         """The flusher and the lanes still handing records over."""
         tasks = [lane.task for routes in self._routes.values() for lane in routes.lanes.values()]
-        return [t for t in (self._flusher, *tasks) if t is not None]
+        return [t for t in (self._flusher, *tasks) if t is not None and not t.done()]
 
     def _queue(self, record: Record, loop: asyncio.AbstractEventLoop) -> Acked:
         """Queue ``record`` for the flusher; the future gets the broker's answer."""
