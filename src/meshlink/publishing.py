@@ -127,9 +127,8 @@ class Publisher:
         items = list(payloads)
         keys = [key(p) for p in items] if callable(key) else [key] * len(items)
         messages = [
-            envelope(
+            self.message(
                 payload,
-                source=self.service,
                 key=k,
                 headers=headers,
                 type=type,

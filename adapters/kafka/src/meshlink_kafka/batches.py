@@ -118,9 +118,9 @@ class Lane:
             records.popleft()
         return batch if batch is not None and batch.pending else None
 
-    def fail_unsent(self) -> None:
+    def fail_unsent(self, why: str = "kafka producer stopped before sending") -> None:
         """Fail every publish still waiting on the lane (never handed to the client)."""
-        fail_unsent(record.acked for record in self.records)
+        fail_unsent((record.acked for record in self.records), why)
         self.records.clear()
 
 
@@ -165,10 +165,10 @@ class Routes:
         return lane
 
 
-def fail_unsent(waiting: Iterable[Acked | None]) -> None:
+def fail_unsent(waiting: Iterable[Acked | None], why: str = "kafka producer stopped before sending") -> None:
     for acked in waiting:
         if acked is not None and not acked.done():
-            acked.set_exception(PublishError("kafka producer stopped before sending"))
+            acked.set_exception(PublishError(why))
 
 
 def pass_on(acked: Acked, fut: asyncio.Future[object]) -> None:

@@ -264,10 +264,7 @@ class Producer:
             while (producer := self._producer) is not None and (batch := lane.next_batch(producer)):
                 await self._submit(producer, batch)
         except Exception as exc:  # pragma: no cover - the client could not even make a batch
-            for record in lane.records:
-                if record.acked is not None and not record.acked.done():
-                    record.acked.set_exception(PublishError(f"kafka producer failed: {exc!r}"))
-            lane.records.clear()
+            lane.fail_unsent(f"kafka producer failed: {exc!r}")
         finally:
             lane.task = None
             if self._producer is None:  # stopped (or stopping): what is left is never sent
