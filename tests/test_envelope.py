@@ -183,3 +183,18 @@ def test_decode_failure_is_a_typed_non_retryable_error() -> None:
         decode(b"{not json")
     assert Decoder(list[int])(b"[1,2]") == [1, 2]
     assert is_retryable(RuntimeError())
+
+
+def test_a_message_survives_pickle_copy_and_deepcopy_with_read_only_headers() -> None:
+    import copy
+    import pickle
+
+    original = Message(body=b"{}", type="T", key="k", attempt=2, headers={"tenant": "a"})
+    rebuilt = Message.from_headers(original.to_headers(), original.body, key="k")
+    for message in (original, rebuilt):
+        for clone in (pickle.loads(pickle.dumps(message)), copy.deepcopy(message), copy.copy(message)):
+            assert type(clone) is Message
+            assert clone == message
+            assert clone.headers == {"tenant": "a"}
+            with pytest.raises(TypeError):
+                clone.headers["tenant"] = "b"  # type: ignore[index]

@@ -165,6 +165,19 @@ class Message:
         if self.time.tzinfo is None:
             object.__setattr__(self, "time", self.time.replace(tzinfo=UTC))
 
+    def __getstate__(self) -> list[Any]:
+        # The dataclass' own state would hold the headers' read-only proxy, which neither
+        # pickle nor deepcopy can copy: a message could not cross a process boundary.
+        state = [getattr(self, name) for name in _FIELD_NAMES]
+        state[_HEADERS_AT] = dict(self.headers)
+        return state
+
+    def __setstate__(self, state: list[Any]) -> None:
+        state = list(state)
+        state[_HEADERS_AT] = MappingProxyType(dict(state[_HEADERS_AT]))
+        for setter, value in zip(_SETTERS, state, strict=True):
+            setter(self, value)
+
     def replace(self, **changes: Any) -> Message:
         """Return a copy with ``changes`` applied (the id is kept unless given)."""
         return dataclasses.replace(self, **changes)
@@ -363,6 +376,8 @@ class _Unfrozen:
 
 # Slot setters, in field order, for the trusted constructor of a subclass.
 _SETTERS = tuple(getattr(Message, f.name).__set__ for f in dataclasses.fields(Message))
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Message))
+_HEADERS_AT = _FIELD_NAMES.index("headers")
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 #: Envelope header name -> the field it fills (in :meth:`Message.from_headers`); a spec version
 #: is recognised (so it is not kept as an extension) and otherwise ignored.
