@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,7 @@ class Context:
     __slots__ = (
         "_items",
         "_mesh",
+        "_task",
         "attempt",
         "delivery",
         "first_failed_at",
@@ -63,6 +65,8 @@ class Context:
         self.publisher: Publisher | None = None
         """Where :meth:`publish` sends messages; middleware may route them (e.g. to an
         outbox in ``session``). ``None`` publishes through the mesh's transport."""
+        self._task: asyncio.Task[Any] | None = None
+        """The task running this delivery (set by the dispatcher)."""
 
     @property
     def log(self) -> Any:

@@ -64,7 +64,7 @@ _LOG_VARS = _log_vars()
 
 def policy_stack(spec: HandlerSpec, breaker: Middleware | None, bulkhead: Bulkhead) -> list[Middleware]:
     """The resilience middleware of a handler, outermost first:
-    idempotency → breaker → bulkhead → retry → unit of work → timeout."""
+    idempotency → breaker → bulkhead → retry → breaker re-check → unit of work → timeout."""
     p = spec.policies
     stack: list[Middleware] = []
     if p.idempotency is not None:
@@ -74,6 +74,9 @@ def policy_stack(spec: HandlerSpec, breaker: Middleware | None, bulkhead: Bulkhe
     stack.append(bulkhead)
     if p.retry.attempts > 1:
         stack.append(RetryMiddleware(p.retry))
+    if isinstance(breaker, CircuitBreaker):
+        # the breaker may have opened while this message waited for a slot or a retry
+        stack.append(breaker.recheck)
     if p.unit_of_work is not None:
         stack.append(p.unit_of_work)
     if p.timeout is not None:
@@ -157,6 +160,7 @@ class Dispatcher:
         message = delivery.message
         me = asyncio.current_task()  # once: asyncio.current_task() is Python code on 3.11
         ctx = Context(self.mesh, delivery, self.spec.name)
+        ctx._task = me
         # Each delivery runs in its own task, whose context is a copy: binding here
         # needs no reset, and costs half of structlog's bound_contextvars().
         if _LOG_VARS is None:
@@ -230,6 +234,10 @@ class Dispatcher:
             await self.spec.fn(ctx.payload, ctx)
         else:
             await self.spec.fn(ctx.payload)
+        if ctx._task is not None:
+            # the handler returned: a drain lets the rest of the stack (recording the
+            # idempotency key, the breaker's outcome) and the settlement finish
+            self._settling.add(ctx._task)
 
     # -- shutdown ----------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from typing import Any, Protocol, TypeVar
 import pybreaker
 
 from meshlink.clock import Clock
+from meshlink.context import Context
 from meshlink.errors import CircuitOpenError, ConfigurationError, is_retryable
 from meshlink.events import BreakerStateChanged, Event
 from meshlink.pipeline import Handler
@@ -121,6 +122,9 @@ class CircuitBreaker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.Task[None] | None = None
+        # Pausing and resuming await the broker: one change at a time, or a resume could
+        # run inside a pause and leave the subscriptions paused with the circuit closed.
+        self._switching = asyncio.Lock()
 
     # -- wiring --------------------------------------------------------------------------
 
@@ -154,12 +158,14 @@ class CircuitBreaker:
             return
         if self.state == HALF_OPEN and not self._trial_taken:
             self._trial_taken = True
-            self._spawn(self._pause_all())  # one trial: hold everything else back
+            self._spawn(self._hold_for_trial())  # one trial: hold everything else back
             return
         raise CircuitOpenError(f"circuit {self.name!r} is {self.state}", breaker=self.name)
 
     async def record(self, error: BaseException | None) -> None:
         """Feed one outcome to the state model (permanent errors are not the dependency's fault)."""
+        if isinstance(error, CircuitOpenError):
+            return  # refused by the re-check: the dependency was not called
         if error is not None and not is_retryable(error):
             error = None
         if error is None and self.state == CLOSED and not self._shared and self._cb.fail_counter == 0:
@@ -195,6 +201,17 @@ class CircuitBreaker:
 
         return guarded
 
+    def recheck(self, next_: Handler) -> Handler:
+        """Middleware further in: refuse a message that passed the gate while the circuit was
+        closed and then waited (for a bulkhead slot, or a retry's backoff) while it opened."""
+
+        async def rechecked(ctx: Context) -> None:
+            if self.state == OPEN:
+                raise CircuitOpenError(f"circuit {self.name!r} is {self.state}", breaker=self.name)
+            await next_(ctx)
+
+        return rechecked
+
     # -- state changes ----------------------------------------------------------------------
 
     def _state_changed_threadsafe(self, old: str, new: str) -> None:
@@ -217,7 +234,16 @@ class CircuitBreaker:
         self._emit(BreakerStateChanged(breaker=self.name, state=new, previous=previous))
         self._spawn(self._apply(new))
 
+    async def _hold_for_trial(self) -> None:
+        async with self._switching:
+            if self.state == HALF_OPEN and self._trial_taken:  # not already decided
+                await self._pause_all()
+
     async def _apply(self, state: str) -> None:
+        async with self._switching:
+            await self._switch_to(state)
+
+    async def _switch_to(self, state: str) -> None:
         if self._timer is not None and self._timer is not asyncio.current_task():
             self._timer.cancel()
             self._timer = None

@@ -24,6 +24,7 @@ __all__ = [
     "ORIGINAL_GROUP",
     "DeadLetter",
     "failure_headers",
+    "original_location",
 ]
 
 ERROR_TYPE = FAILURE_PREFIX + "error-type"
@@ -47,6 +48,19 @@ class DeadLetter:
     """Human-readable reason (the error text)."""
 
 
+def original_location(message: Message, location: Mapping[str, str]) -> dict[str, str]:
+    """``x-meshlink-original-<name>`` headers for where ``message`` was first consumed.
+
+    A redelivered copy already carries them (from its first delivery): those are kept,
+    so that a dead-letter after redeliveries names the original topic, partition and
+    offset rather than the retry copy's.
+    """
+    return {
+        name: message.headers.get(name, value)
+        for name, value in ((f"{FAILURE_PREFIX}original-{k}", v) for k, v in location.items())
+    }
+
+
 def failure_headers(
     message: Message,
     *,
@@ -57,11 +71,13 @@ def failure_headers(
     location: Mapping[str, str],
     attempts: int | None = None,
     now: datetime | None = None,
+    first_failed_at: str | None = None,
 ) -> dict[str, str]:
     """The ``x-meshlink-*`` headers describing why ``message`` failed.
 
     ``first-failed-at`` is kept from an earlier failure if the message carries one,
-    so the time budget spans every layer and replica.
+    else ``first_failed_at`` (the first failure of this delivery's in-process
+    retries), else now: so the time budget spans every layer and replica.
     """
     when = (now or datetime.now(UTC)).isoformat()
     text = str(error) or type(error).__name__
@@ -70,11 +86,10 @@ def failure_headers(
         ERROR_MESSAGE: text[:_MAX_ERROR_TEXT],
         HANDLER: handler,
         FAILED_ATTEMPTS: str(attempts if attempts is not None else message.attempt),
-        FIRST_FAILED_AT: message.headers.get(FIRST_FAILED_AT, when),
+        FIRST_FAILED_AT: message.headers.get(FIRST_FAILED_AT) or first_failed_at or when,
         LAST_FAILED_AT: when,
         ORIGINAL_DESTINATION: destination,
         ORIGINAL_GROUP: group,
     }
-    for name, value in location.items():
-        headers[f"{FAILURE_PREFIX}original-{name}"] = value
+    headers.update(original_location(message, location))
     return headers

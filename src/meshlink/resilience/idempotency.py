@@ -68,7 +68,8 @@ class IdempotencyStore(Protocol):
 
 
 class MemoryIdempotencyStore:
-    """A bounded in-process store: the oldest keys are forgotten past ``max_keys``."""
+    """A bounded in-process store: past ``max_keys``, the oldest recorded (or expired) keys are
+    forgotten; a claim still held is kept, so the bound may be exceeded by the claims running."""
 
     def __init__(self, *, max_keys: int = 100_000, clock: Clock | None = None) -> None:
         if max_keys < 1:
@@ -88,8 +89,18 @@ class MemoryIdempotencyStore:
             return Claim.DONE if entry[0] == "done" else Claim.IN_PROGRESS
         self._keys[key] = ("pending", token, now + lease)
         self._keys.move_to_end(key)
-        while len(self._keys) > self.max_keys:
-            self._keys.popitem(last=False)
+        excess = len(self._keys) - self.max_keys
+        if excess > 0:
+            # oldest first, but never a claim still held: evicting one would let a duplicate
+            # run beside it (held claims are at most the handlers running, so the scan is short)
+            victims = []
+            for old, (state, _, expires) in self._keys.items():
+                if state == "done" or expires <= now:
+                    victims.append(old)
+                    if len(victims) == excess:
+                        break
+            for old in victims:
+                del self._keys[old]
         return Claim.CLAIMED
 
     async def complete(self, key: str, *, token: str, ttl: float) -> None:

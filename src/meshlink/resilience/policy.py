@@ -21,7 +21,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from meshlink.errors import ConfigurationError, RetryLater, is_retryable
+from meshlink.errors import (
+    ConfigurationError,
+    DuplicateInProgressError,
+    HandlerTimeoutError,
+    RetryLater,
+    is_retryable,
+)
 
 __all__ = [
     "Action",
@@ -128,7 +134,9 @@ class Retry:
         """Whether retrying could help with ``error`` under this policy."""
         if not is_retryable(error) or isinstance(error, self.permanent):
             return False
-        return isinstance(error, (*self.transient, RetryLater))
+        # meshlink's own transient outcomes stay transient whatever ``transient`` lists: the
+        # user's types narrow what *their* handler raises, not what the policies raise
+        return isinstance(error, (*self.transient, *_ALWAYS_TRANSIENT))
 
     def describe(self) -> str:
         """One line for ``meshlink check``."""
@@ -197,3 +205,6 @@ def decide(failure: Failure, policy: Retry) -> Action:
         return RetryNow(wait)
     round_done = (failure.attempt - 1) // policy.attempts
     return Redeliver(policy.delays[round_done])
+
+
+_ALWAYS_TRANSIENT = (RetryLater, HandlerTimeoutError, DuplicateInProgressError)

@@ -33,6 +33,7 @@ from meshlink.resilience.deadletter import (
     FIRST_FAILED_AT,
     LAST_FAILED_AT,
     failure_headers,
+    original_location,
 )
 from meshlink.resilience.policy import DeadLetterNow, Redeliver, RetryNow, decide
 from meshlink.resilience.retry import failure_of, iso
@@ -74,6 +75,8 @@ class Recoverability:
         first = ctx.first_failed_at if ctx.first_failed_at is not None else now
         again = ctx.message.replace(attempt=ctx.attempt + 1).with_headers(
             {
+                # where the first delivery was consumed, for a later dead-letter
+                **original_location(ctx.message, ctx.delivery.location),
                 FIRST_FAILED_AT: iso(first),
                 LAST_FAILED_AT: iso(now),
                 ERROR_TYPE: f"{type(error).__module__}.{type(error).__qualname__}",
@@ -103,6 +106,7 @@ class Recoverability:
             location=ctx.delivery.location,
             attempts=ctx.attempt,
             now=datetime.fromtimestamp(self.mesh.clock.time(), UTC),
+            first_failed_at=iso(ctx.first_failed_at) if ctx.first_failed_at is not None else None,
         )
         dead = ctx.message.with_headers(headers)
         if await self._forward(ctx, self.spec.dead_letter, dead, None):

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 import tenacity
 
 from meshlink.context import Context
+from meshlink.errors import CircuitOpenError
 from meshlink.events import RetryScheduled
 from meshlink.message import Message
 from meshlink.pipeline import Handler
@@ -32,6 +33,14 @@ def first_failed_at(message: Message, default: float) -> float:
         except ValueError:
             pass
     return default
+
+
+def retry_now(ctx: Context, error: BaseException, policy: Retry) -> bool:
+    """Whether the failed try is retried in process now. Never on an open circuit: the
+    message goes back to the broker without spending its budget (see recoverability)."""
+    if isinstance(error, CircuitOpenError):
+        return False
+    return isinstance(decide(failure_of(ctx, error), policy), RetryNow)
 
 
 def failure_of(ctx: Context, error: BaseException) -> Failure:
@@ -55,7 +64,7 @@ class _RetryIfDecided(tenacity.retry_base):
             return False
         error = outcome.exception()
         assert error is not None
-        return isinstance(decide(failure_of(self.ctx, error), self.policy), RetryNow)
+        return retry_now(self.ctx, error, self.policy)
 
 
 class RetryMiddleware:
@@ -80,7 +89,7 @@ class RetryMiddleware:
                 await next_(ctx)
                 return
             except Exception as exc:
-                if not isinstance(decide(failure_of(ctx, exc), policy), RetryNow):
+                if not retry_now(ctx, exc, policy):
                     raise
                 replay = [exc]
 

@@ -90,13 +90,20 @@ class Timeout:
 
         dog = asyncio.get_running_loop().create_task(watchdog())
         try:
-            return await fn(*args)
+            result = await fn(*args)
         except asyncio.CancelledError as exc:
             if fired and task.uncancel() == 0:
                 raise self._error() from exc
             raise
+        except BaseException:
+            if fired:
+                task.uncancel()  # the try turned our cancel into another outcome
+            raise
         finally:
             dog.cancel()
+        if fired:
+            task.uncancel()  # the try swallowed our cancel and finished
+        return result
 
     def _error(self) -> HandlerTimeoutError:
         return HandlerTimeoutError(f"handler exceeded its {self.seconds:g}s timeout")
