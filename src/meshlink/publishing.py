@@ -11,9 +11,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from meshlink.codec import envelope
-from meshlink.errors import PublishBatchError, TransportClosedError
+from meshlink.errors import EncodeError, PublishBatchError, TransportClosedError
 from meshlink.events import Event, Listener, MessagePublished
 from meshlink.message import Message
+from meshlink.resilience.defaults import Policies
 from meshlink.transport.base import Outgoing, Transport
 
 __all__ = ["Publisher"]
@@ -24,6 +25,7 @@ class Publisher:
 
     service: str
     transport: Transport
+    defaults: Policies
     _started: bool
     _listeners: list[Listener]
 
@@ -41,8 +43,13 @@ class Publisher:
         correlation_id: str | None = None,
         causation_id: str | None = None,
     ) -> Message:
-        """Build the envelope :meth:`publish` would send (useful for outboxes and tests)."""
-        return envelope(
+        """Build the envelope :meth:`publish` would send (useful for outboxes and tests).
+
+        Raises:
+            EncodeError: ``payload`` cannot be encoded, or its body is larger than the
+                mesh's ``defaults.max_body_bytes`` (one limit on every transport).
+        """
+        message = envelope(
             payload,
             source=self.service,
             key=key,
@@ -52,6 +59,15 @@ class Publisher:
             correlation_id=correlation_id,
             causation_id=causation_id,
         )
+        limit = self.defaults.max_body_bytes
+        if len(message.body) > limit:
+            # checked before any transport: brokers' own limits differ (Kafka's client 1 MiB,
+            # RabbitMQ closes the channel past its frame limit), this one is the same everywhere
+            raise EncodeError(
+                f"body of {len(message.body)} bytes is over max_body_bytes ({limit}); nothing was sent",
+                message_id=message.id,
+            )
+        return message
 
     async def publish(
         self,
@@ -73,6 +89,7 @@ class Publisher:
 
         Raises:
             TransportClosedError: the mesh is not started.
+            EncodeError: ``payload`` cannot be encoded or is over ``max_body_bytes``.
             PublishError: the broker did not confirm (see its subclasses).
         """
         if not self._started:
@@ -118,7 +135,8 @@ class Publisher:
 
         Raises:
             TransportClosedError: the mesh is not started.
-            EncodeError: a payload cannot be encoded (nothing was sent).
+            EncodeError: a payload cannot be encoded or is over ``max_body_bytes``
+                (nothing was sent).
             PublishBatchError: naming, by index, each message that was not
                 confirmed; every other one was (its ``messages`` are the ones sent).
         """

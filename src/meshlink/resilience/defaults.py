@@ -42,7 +42,8 @@ class Policies:
     """Middleware run around each *try* (inside retry, outside timeout): e.g. the SQL
     unit of work, so every try gets its own transaction and a failed try leaves nothing."""
     max_body_bytes: int = 16 * 1024 * 1024
-    """Bodies larger than this are dead-lettered before decoding (and refused on publish)."""
+    """Bodies larger than this are dead-lettered before decoding; the mesh's ``defaults`` also
+    refuse them on publish (``EncodeError``, before any transport)."""
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:

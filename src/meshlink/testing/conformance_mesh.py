@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from meshlink.app import Mesh
 from meshlink.context import Context
 from meshlink.dlq import DeadLetterQueue
+from meshlink.errors import EncodeError
 from meshlink.events import (
     BreakerStateChanged,
     Event,
@@ -350,6 +351,33 @@ class MeshScenarios(ConformanceBase):
         assert all(d.message.headers[FAILED_ATTEMPTS] == "1" for d in parked.deliveries)
 
     # -- dead-letter operations ------------------------------------------------------------------
+
+    async def test_a_body_over_the_limit_is_refused_on_publish_and_nothing_is_sent(self) -> None:
+        mesh = self.new_mesh(service="big", defaults=Policies(max_body_bytes=1024))
+        got: list[Item] = []
+
+        @mesh.handler(self.dest())
+        async def take(item: Item) -> None:
+            got.append(item)
+            self.poke()
+
+        await mesh.start()
+        big = Item(sku="x" * 2048, qty=1)
+        refusals = (
+            mesh.publish(self.dest(), big),
+            mesh.publish_many(self.dest(), [Item(sku="a", qty=1), big]),
+        )
+        for refused in refusals:
+            error: EncodeError | None = None
+            try:
+                await refused
+            except EncodeError as exc:
+                error = exc
+            assert error is not None, "a body over max_body_bytes was published"
+            assert "max_body_bytes" in str(error)
+        await mesh.publish(self.dest(), Item(sku="ok", qty=2))
+        await self.until(lambda: bool(got))
+        assert got == [Item(sku="ok", qty=2)]  # nothing of the refused batch went out
 
     async def test_dead_letters_are_listed_shown_and_replayed_to_their_group(self) -> None:
         mesh = self.new_mesh(service="ops")
