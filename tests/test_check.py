@@ -51,3 +51,30 @@ def test_check_knows_kafkas_poll_interval() -> None:
     result = runner.invoke(app, ["check", "apps.checked:kafka"])
     assert result.exit_code == 1
     assert "beyond the broker's max_poll_interval_ms=300s" in result.output
+
+
+def test_check_finds_an_idempotency_lease_shorter_than_a_round_of_tries() -> None:
+    from meshlink import Mesh, Retry
+    from meshlink.check import check_mesh
+    from meshlink.resilience.idempotency import Idempotency, MemoryIdempotencyStore
+
+    mesh = Mesh("memory://", service="svc")
+    store = MemoryIdempotencyStore()
+
+    @mesh.handler(
+        "a", timeout="60s", retry=Retry(attempts=3), idempotency=Idempotency(store=store, lease="2m")
+    )
+    async def short_lease(body: bytes) -> None: ...
+
+    @mesh.handler(
+        "b", timeout="10s", retry=Retry(attempts=3), idempotency=Idempotency(store=store, lease="5m")
+    )
+    async def long_enough(body: bytes) -> None: ...
+
+    @mesh.handler("c", timeout=None, idempotency=Idempotency(store=store))
+    async def unbounded(body: bytes) -> None: ...
+
+    reports = {r.spec.name: r for r in check_mesh(mesh)}
+    assert any("idempotency.lease=120s" in p for p in reports["short_lease"].problems)
+    assert not any("lease" in p for p in reports["long_enough"].problems)
+    assert any("idempotency.lease=300s" in w for w in reports["unbounded"].warnings)

@@ -106,6 +106,22 @@ def check_mesh(mesh: Mesh) -> list[HandlerReport]:
                     )
         idem = p.idempotency
         if idem is not None:
+            # the claim on a key is held for a delivery's whole round of tries (the
+            # idempotency stage is outermost): a lease shorter than that lets a duplicate run
+            lease = parse_duration(idem.lease, setting="idempotency.lease")
+            if timeout is None:
+                report.warnings.append(
+                    f"no timeout: a handler running past idempotency.lease={lease:g}s "
+                    "lets a duplicate of its message run beside it"
+                )
+            else:
+                held = p.retry.attempts * timeout + (p.retry.attempts - 1) * p.retry.max_backoff_s
+                if held >= lease:
+                    report.problems.append(
+                        f"one round of {p.retry.attempts} tries can hold a key {held:g}s, beyond "
+                        f"idempotency.lease={lease:g}s: a duplicate could run beside it; "
+                        "raise the lease or lower the timeout or the tries"
+                    )
             ttl = parse_duration(idem.ttl, setting="idempotency.ttl")
             span = sum(p.retry.delays)
             if span >= ttl:
