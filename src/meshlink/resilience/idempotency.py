@@ -126,18 +126,37 @@ class RedisIdempotencyStore:
                 "idempotency.store", "RedisIdempotencyStore needs redis: pip install 'meshlink[redis]'"
             ) from exc
 
-        self._redis = redis.asyncio.Redis.from_url(url)
+        from redis.asyncio.retry import Retry as RedisRetry
+        from redis.backoff import ExponentialBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        # ``from_url`` alone retries nothing: a reply lost to a reset link would fail the
+        # claim, and the next try (a new token) would find its own claim in progress.
+        # Retried with the same token, a SET NX that did land is recognised (see claim).
+        self._redis = redis.asyncio.Redis.from_url(
+            url,
+            retry=RedisRetry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )
         self.prefix = prefix
 
     async def claim(self, key: str, *, token: str, lease: float) -> Claim:
-        name = self.prefix + key
-        if await self._redis.set(name, f"pending:{token}", nx=True, px=max(1, int(lease * 1000))):
-            return Claim.CLAIMED
-        value = await self._redis.get(name)
-        if value is None:  # expired between the two calls: try once more
-            ok = await self._redis.set(name, f"pending:{token}", nx=True, px=max(1, int(lease * 1000)))
-            return Claim.CLAIMED if ok else Claim.IN_PROGRESS
-        return Claim.DONE if value == b"done" else Claim.IN_PROGRESS
+        """Claim ``key``; a pending value under ``token`` is ours already.
+
+        That happens when redis-py retries a ``SET NX`` whose reply was lost after
+        Redis had executed it: the retry finds the value the first send stored.
+        """
+        name, mine, px = self.prefix + key, f"pending:{token}", max(1, int(lease * 1000))
+        for _ in range(2):  # a second time only if the key expired between the two calls
+            if await self._redis.set(name, mine, nx=True, px=px):
+                return Claim.CLAIMED
+            value = await self._redis.get(name)
+            if value is not None:
+                if value == mine.encode():
+                    return Claim.CLAIMED
+                return Claim.DONE if value == b"done" else Claim.IN_PROGRESS
+        return Claim.IN_PROGRESS
 
     async def complete(self, key: str, *, token: str, ttl: float) -> None:
         await self._redis.set(self.prefix + key, "done", px=max(1, int(ttl * 1000)))

@@ -64,6 +64,13 @@ class SqlInbox:
     # -- IdempotencyStore ----------------------------------------------------------------
 
     async def claim(self, key: str, *, token: str, lease: float) -> Claim:
+        """Claim ``key``; a pending row under ``token`` is ours already.
+
+        That happens when a try's COMMIT reached the database but its answer was
+        lost: :func:`~meshlink_sqlalchemy.engine.with_retry` runs the claim again
+        and finds the row that try wrote.
+        """
+        t = self._t
         now = self.clock.time()
 
         async def run() -> Claim:
@@ -71,8 +78,12 @@ class SqlInbox:
                 result = await conn.execute(self._upsert(key, PENDING, token, now + lease, now))
                 if result.rowcount:
                     return Claim.CLAIMED
-                state = (await conn.execute(select(self._t.c.state).where(self._t.c.key == key))).scalar()
-            return Claim.DONE if state == DONE else Claim.IN_PROGRESS
+                row = (await conn.execute(select(t.c.state, t.c.token).where(t.c.key == key))).first()
+            if row is None:  # pragma: no cover - released or purged between the two statements
+                return Claim.IN_PROGRESS
+            if row.state == DONE:
+                return Claim.DONE
+            return Claim.CLAIMED if row.token == token else Claim.IN_PROGRESS
 
         return await with_retry(run)
 
