@@ -410,3 +410,49 @@ async def test_dead_letter_after_redelivery_names_the_original_location(
         (parked,) = mesh.transport.broker.peek("d.svc.dlq", "dlq")  # type: ignore[attr-defined]
     assert parked.headers["x-meshlink-original-destination"] == "d"
     assert parked.headers["x-meshlink-original-topic"] == "d", "location of the retry copy, not the original"
+
+
+# -- a duplicate waiting for its twin -------------------------------------------------------------
+
+
+async def test_a_duplicate_waiting_for_its_twin_spends_no_attempt_and_is_never_dead_lettered(
+    memory_url: str, fake_clock: FakeClock
+) -> None:
+    """The copy that finds its key claimed never ran the handler: it waits for the twin
+    (redelivered with the same attempt), then is skipped once the twin is done. With a budget of
+    one execution it used to be dead-lettered at once."""
+    from meshlink.events import DuplicateSkipped
+
+    mesh = Mesh(memory_url, service="svc", clock=fake_clock)
+    store = MemoryIdempotencyStore(clock=fake_clock)
+    runs: list[int] = []
+    gate = asyncio.Event()
+
+    @mesh.handler(
+        "orders",
+        concurrency=2,
+        timeout=None,
+        retry=Retry(attempts=1, redeliver=[]),
+        idempotency=Idempotency(store=store),
+    )
+    async def charge(order: dict[str, int]) -> None:
+        runs.append(order["n"])
+        await gate.wait()
+
+    async with MeshHarness(mesh) as h:
+        await h.publish("orders", {"n": 1}, idempotency_key="order-1")
+        await _until(lambda: runs == [1])
+        await h.publish("orders", {"n": 2}, idempotency_key="order-1")
+
+        def waiting(h: MeshHarness) -> bool:
+            return any(isinstance(e, RedeliveryScheduled) for e in h.events)
+
+        await h.wait_for(waiting)
+        (wait,) = [e for e in h.events if isinstance(e, RedeliveryScheduled)]
+        assert wait.message.attempt == 1  # no execution spent
+        gate.set()
+        await h.wait_for(lambda h: any(isinstance(e, MessageHandled) for e in h.events))
+        await fake_clock.advance(wait.delay)
+        await h.wait_for(lambda h: any(isinstance(e, DuplicateSkipped) for e in h.events))
+        assert h.dead_lettered == []
+    assert runs == [1]

@@ -171,6 +171,9 @@ class Redeliver:
     """Hand the message back to the broker, deliverable again after ``delay`` seconds."""
 
     delay: float
+    spend: bool = True
+    """Whether the redelivered copy counts as a new attempt (a duplicate that waited for its
+    twin never ran the handler: it spends nothing)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +193,10 @@ def decide(failure: Failure, policy: Retry) -> Action:
     layer adds jitter), so the decision is deterministic.
     """
     error = failure.error
+    if isinstance(error, DuplicateInProgressError) and not isinstance(error, policy.permanent):
+        # the handler did not run: wait for the twin without spending the budget (bounded
+        # by the claim's lease, after which the key is free or done)
+        return Redeliver(policy.delays[0] if policy.delays else _DUPLICATE_WAIT, spend=False)
     if not policy.is_transient(error):
         return DeadLetterNow(f"permanent error: {error}" if str(error) else type(error).__name__)
     limit = policy.max_elapsed_s
@@ -208,3 +215,5 @@ def decide(failure: Failure, policy: Retry) -> Action:
 
 
 _ALWAYS_TRANSIENT = (RetryLater, HandlerTimeoutError, DuplicateInProgressError)
+#: Seconds a duplicate waits for its twin when the policy has no redelivery delays.
+_DUPLICATE_WAIT = 1.0

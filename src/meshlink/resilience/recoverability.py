@@ -63,17 +63,20 @@ class Recoverability:
             action = Redeliver(action.wait)
         if isinstance(action, Redeliver):
             _log.info("handler failed; redelivering", error=str(error), delay=action.delay)
-            await self.redeliver(ctx, error, action.delay)
+            await self.redeliver(ctx, error, action.delay, spend=action.spend)
         else:
             assert isinstance(action, DeadLetterNow)
             _log.warning("handler failed; dead-lettering", error=str(error), reason=action.reason)
             await self.dead_letter(ctx, error, action.reason)
 
-    async def redeliver(self, ctx: Context, error: BaseException, delay: float) -> None:
-        """Publish the next attempt to the retry destination after ``delay``, then ack."""
+    async def redeliver(
+        self, ctx: Context, error: BaseException, delay: float, *, spend: bool = True
+    ) -> None:
+        """Publish the next attempt (the same one unless ``spend``) to the retry destination
+        after ``delay``, then ack."""
         now = self.mesh.clock.time()
         first = ctx.first_failed_at if ctx.first_failed_at is not None else now
-        again = ctx.message.replace(attempt=ctx.attempt + 1).with_headers(
+        again = ctx.message.replace(attempt=ctx.attempt + 1 if spend else ctx.message.attempt).with_headers(
             {
                 # where the first delivery was consumed, for a later dead-letter
                 **original_location(ctx.message, ctx.delivery.location),
