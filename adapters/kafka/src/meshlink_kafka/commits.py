@@ -128,7 +128,12 @@ class Committer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._now.wait(), self._interval)
             self._now.clear()
-            await self.commit(list(self._parts()))
+            try:
+                await self.commit(list(self._parts()))
+            except Exception as exc:  # never end the committer: nothing would be committed again
+                _log.error(
+                    "kafka commit raised; retried at the next commit", group=self._group_id, error=repr(exc)
+                )
 
     async def commit(self, parts: list[PartitionState]) -> None:
         """Commit the settled position of each of ``parts`` that is assigned."""

@@ -303,10 +303,7 @@ class KafkaSubscription(Subscription):
                 streak = 0
                 continue
             if sched.size <= low_water:
-                self._room.set()
-                if self._buffer_paused:
-                    self._buffer_paused = False
-                    self._apply_fetch_pause()
+                self._buffer_has_room()
             part = item.part
             part.inflight += 1
             self._unsettled += 1
@@ -319,6 +316,13 @@ class KafkaSubscription(Subscription):
                 _log.exception("delivery callback failed; message requeued", message_id=delivery.message.id)
                 if delivery.settled is None:
                     await delivery.nack(requeue=True)
+
+    def _buffer_has_room(self) -> None:
+        """The buffer is at most half full: end a held poll, resume a buffer pause."""
+        self._room.set()
+        if self._buffer_paused:
+            self._buffer_paused = False
+            self._apply_fetch_pause()
 
     def settle(self, item: Item, *, done: bool) -> None:
         """Called by a delivery's ack / reject (``done``) or nack (not done)."""
@@ -357,6 +361,10 @@ class KafkaSubscription(Subscription):
         for part in parts:
             part.draining = True
             self._sched.drop_partition(part.tp)
+        if self._sched.size <= self._settings.max_buffered // 2:
+            # the dropped records may have been what held the poll or paused the partitions;
+            # nothing is left for the dispatch loop to take, so it would never say so
+            self._buffer_has_room()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._settings.drain_timeout
         while any(p.inflight for p in parts) and not self._closed:
@@ -381,6 +389,11 @@ class KafkaSubscription(Subscription):
 
     async def on_assigned(self, assigned: set[TopicPartition], listener: Listener) -> None:
         """Rebalance: take ``assigned``, with what earlier owners did past the committed offsets."""
+        # aiokafka makes the assignment fetchable before this callback: a record fetched
+        # while we look up the progress below would find no partition state, be dropped,
+        # and then be committed past. Paused, nothing is fetched until the state exists
+        # (the pause is re-applied below; the client re-fetches from its position).
+        self._member.client.pause(*assigned)
         previous = await previous_progress(
             self._member.client, self._settings.bootstrap_servers, self._group_id, assigned
         )

@@ -124,7 +124,7 @@ class DelayRelay:
             try:
                 async with self._lock:
                     complete = await self._forward_due()
-            except KafkaError as exc:
+            except Exception as exc:  # e.g. a topic that cannot be ensured now: never end the relay
                 _log.warning("delay relay forward failed; retrying", error=repr(exc))
                 complete = False
             if not complete:
@@ -153,7 +153,12 @@ class DelayRelay:
             while queue and _due(queue[0]) <= now:
                 due.append(queue.popleft())
             if due:
-                forwarded = await self._republish(due)
+                try:
+                    forwarded = await self._republish(due)
+                except BaseException:
+                    queue.extendleft(reversed(due))  # none of them was sent: keep them, in order
+                    consumer.pause(tp)
+                    raise
                 for rec in reversed(due[forwarded:]):
                     queue.appendleft(rec)  # not confirmed: try again on the next round
                 complete = complete and forwarded == len(due)
@@ -194,7 +199,7 @@ class DelayRelay:
 def _header(rec: Any, name: str) -> str:
     for k, v in rec.headers:
         if k == name:
-            return bytes(v).decode("utf-8", errors="replace")
+            return bytes(v).decode("utf-8", errors="replace") if v is not None else ""
     return ""
 
 

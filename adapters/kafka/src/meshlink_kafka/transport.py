@@ -125,7 +125,7 @@ class KafkaTransport(Transport):
             await self._topics.ensure(destination)
             if group is not None:
                 await self._topics.seed_group(destination, self.settings.group_id(destination, group))
-        except KafkaError as exc:
+        except (KafkaError, TimeoutError) as exc:
             raise TransportError(f"cannot declare: {exc!r}", destination=destination, group=group) from exc
 
     @property
