@@ -456,3 +456,31 @@ async def test_a_duplicate_waiting_for_its_twin_spends_no_attempt_and_is_never_d
         await h.wait_for(lambda h: any(isinstance(e, DuplicateSkipped) for e in h.events))
         assert h.dead_lettered == []
     assert runs == [1]
+
+
+async def test_a_settlement_that_never_finishes_does_not_hold_the_shutdown(
+    memory_url: str, monkeypatch: Any
+) -> None:
+    """The handler returned, but recording its key hangs (a store that stopped answering):
+    the drain lets it finish for a grace period, then cancels it; the message goes back."""
+    import meshlink.dispatch
+
+    monkeypatch.setattr(meshlink.dispatch, "_SETTLE_GRACE", 0.05)
+
+    class Hanging(MemoryIdempotencyStore):
+        async def complete(self, key: str, *, token: str, ttl: float) -> None:
+            returned.set()
+            await asyncio.Event().wait()  # never answers
+
+    returned = asyncio.Event()
+    mesh = Mesh(memory_url, service="svc")
+
+    @mesh.handler("orders", idempotency=Idempotency(store=Hanging()), timeout=None)
+    async def charge(order: dict[str, int]) -> None:
+        pass
+
+    await mesh.start()
+    await mesh.publish("orders", {"n": 1})
+    await returned.wait()
+    await mesh.stop(drain_timeout=0)  # returns: the hung settlement was cancelled after the grace
+    assert mesh.in_flight == 0

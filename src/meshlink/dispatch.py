@@ -61,6 +61,9 @@ def _log_vars() -> tuple[contextvars.ContextVar[Any], ...] | None:
 
 _LOG_VARS = _log_vars()
 
+#: Seconds a drain waits, past its deadline, for handlers that returned to settle.
+_SETTLE_GRACE = 30.0
+
 
 def policy_stack(spec: HandlerSpec, breaker: Middleware | None, bulkhead: Bulkhead) -> list[Middleware]:
     """The resilience middleware of a handler, outermost first:
@@ -261,7 +264,15 @@ class Dispatcher:
         for task in cancelled:
             task.cancel()
         if pending:
-            await asyncio.wait(pending)
+            _, stuck = await asyncio.wait(pending, timeout=_SETTLE_GRACE)
+            if stuck:
+                # a store or broker that stopped answering must not hold the shutdown forever:
+                # these messages were not settled, so the broker delivers them again
+                _log.warning("settlements did not finish; cancelled", count=len(stuck), grace=_SETTLE_GRACE)
+                for task in stuck:
+                    task.cancel()
+                await asyncio.wait(stuck)
+                cancelled.extend(t for t in stuck if t not in cancelled)
         for task in [t for t in self.tasks if t.done()]:  # cancelled before their first step
             self._finished(task)
         return len(cancelled)
