@@ -484,3 +484,25 @@ async def test_a_settlement_that_never_finishes_does_not_hold_the_shutdown(
     await returned.wait()
     await mesh.stop(drain_timeout=0)  # returns: the hung settlement was cancelled after the grace
     assert mesh.in_flight == 0
+
+
+async def test_a_breaker_opened_by_failures_before_it_started_pauses_its_subscriptions(
+    fake_clock: FakeClock,
+) -> None:
+    """A broker may deliver as soon as a handler subscribes, before the mesh starts its
+    breakers: a circuit opened then must still pause consumption (the change was dropped, and
+    pybreaker stayed open while meshlink's state said closed, for good)."""
+    breaker = CircuitBreaker(Breaker(failures=1, reset="1h"), name="early", clock=fake_clock)
+    sub = _SlowSubscription()
+    breaker.attach(sub)
+
+    async def failing() -> None:
+        raise ConnectionError("dependency down")
+
+    with contextlib.suppress(ConnectionError):
+        await breaker.run(failing)
+    await _until(lambda: sub.paused)
+    assert breaker.state == "open"
+    await breaker.start()
+    assert sub.paused
+    await breaker.stop()

@@ -131,6 +131,11 @@ class CircuitBreaker:
     def attach(self, subscription: Pausable) -> None:
         """Pause and resume ``subscription`` with this breaker."""
         self._subscriptions.append(subscription)
+        if self._loop is None:
+            # a subscription may deliver (and its failures open the circuit) before start():
+            # state changes need the loop from the first delivery on, or they are dropped
+            with contextlib.suppress(RuntimeError):
+                self._loop = asyncio.get_running_loop()
 
     async def start(self) -> None:
         """Begin watching (shared breakers) and apply the current state."""
