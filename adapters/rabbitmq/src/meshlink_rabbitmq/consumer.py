@@ -11,6 +11,15 @@ broker confirms the cancel, are nacked back (requeue) and never handed over.
 A delivery remembers the exact aiormq channel it came on: settling it after that
 channel died is a no-op (its delivery tag would mean another message on the
 restored channel), and the broker redelivers it anyway.
+
+The broker may cancel the consumer itself (``basic.cancel``: the queue was
+deleted, or a quorum queue became unavailable); aio-pika does not recover from
+that (aio-pika #334). The subscription hears it through the channel's
+consumer-cancel callbacks (hooked again whenever the channel reopens), forgets
+the consumer, has the queue declared and bound again and consumes again,
+retrying with a bounded backoff (:class:`ConsumerRecovery`). A subscription
+paused or stopped on purpose stays so; deliveries already received from the
+cancelled consumer are still handed over and settled on their own channel.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import asyncio
 import itertools
 import uuid
 from collections import deque
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -30,6 +40,7 @@ from meshlink.errors import TransportClosedError
 from meshlink.message import Message
 from meshlink.transport.base import Delivery, DeliveryCallback, Subscription, SubscriptionSpec
 from meshlink_rabbitmq import delay
+from meshlink_rabbitmq.recovery import CancelRecovery, ConsumerRecovery, consumers_of
 
 __all__ = ["BROKER_HEADERS", "RabbitDelivery", "RabbitSubscription"]
 
@@ -95,7 +106,7 @@ class RabbitDelivery(Delivery):
         await self._sub.settle(self, "reject")
 
 
-class RabbitSubscription(Subscription):
+class RabbitSubscription(CancelRecovery, Subscription):
     """A consumer of one group queue on its own channel."""
 
     def __init__(
@@ -106,6 +117,8 @@ class RabbitSubscription(Subscription):
         queue: AbstractRobustQueue,
         *,
         counts_deliveries: bool,
+        redeclare: Callable[[], Awaitable[None]],
+        recovery: ConsumerRecovery | None = None,
     ) -> None:
         self.spec = spec
         self.queue_name = queue.name
@@ -122,6 +135,15 @@ class RabbitSubscription(Subscription):
         self._generation = itertools.count(1)
         self._current = 0
         self.unsettled = 0
+        self._redeclare = redeclare
+        self._policy = recovery or ConsumerRecovery()
+        self._lock = asyncio.Lock()  # one consume or cancel of our consumer at a time
+        self._recovery: asyncio.Task[None] | None = None
+        #: How many times the consumer was lost (cancelled by the broker, or missing after a reopen).
+        self.consumer_losses = 0
+        #: How many of those losses were recovered (queue declared again; consuming unless paused).
+        self.recoveries = 0
+        channel.reopen_callbacks.add(self._on_reopen)
         self._worker = asyncio.get_running_loop().create_task(
             self._run(), name=f"rabbitmq-consumer:{queue.name}"
         )
@@ -137,20 +159,33 @@ class RabbitSubscription(Subscription):
 
     async def start(self) -> None:
         """Register the AMQP consumer; returns once the broker confirmed it."""
-        self._current = next(self._generation)
+        async with self._lock:
+            await self._consume()
+
+    async def _consume(self) -> None:
+        await self._hook()
+        self._current = generation = next(self._generation)
         tag = f"meshlink.{self.spec.group}.{uuid.uuid4().hex[:12]}"
-        self._tag = await self._queue.consume(partial(self._on_message, self._current), consumer_tag=tag)
+        # Known before the consume-ok: a broker cancel right after it must find it.
+        self._tag = tag
+        try:
+            await self._queue.consume(partial(self._on_message, generation), consumer_tag=tag)
+        except BaseException:
+            if self._tag == tag:
+                self._tag = None
+            raise
 
     async def ensure_consuming(self) -> None:
         """After a reconnect: register the consumer again if aio-pika did not (liveness guard)."""
-        if self._paused or self._stopped or self._tag is None:
+        if self._paused or self._stopped or self._tag is None or self.recovering:
             return
         await self._channel.ready()
         underlay = await self._channel.get_underlay_channel()
-        if self._tag in getattr(underlay, "consumers", {}):
-            return
-        _log.warning("rabbitmq.consumer_missing_after_reconnect", queue=self.queue_name, tag=self._tag)
-        await self.start()
+        async with self._lock:
+            if self._paused or self._stopped or self._tag is None or self._tag in consumers_of(underlay):
+                return
+            _log.warning("rabbitmq.consumer_missing_after_reconnect", queue=self.queue_name, tag=self._tag)
+            await self._consume()
 
     # -- arrival and hand-over ---------------------------------------------------------
 
@@ -238,14 +273,15 @@ class RabbitSubscription(Subscription):
     # -- pause, resume, stop ----------------------------------------------------------------
 
     async def _cancel_consumer(self) -> None:
-        tag, self._tag = self._tag, None
-        self._current = 0  # anything still arriving for the old consumer is given back
-        if tag is None or self._channel.is_closed:
-            return
-        try:
-            await self._queue.cancel(tag)
-        except _GONE:
-            _log.debug("rabbitmq.cancel_on_dead_channel", queue=self.queue_name)
+        async with self._lock:
+            tag, self._tag = self._tag, None
+            self._current = 0  # anything still arriving for the old consumer is given back
+            if tag is None or self._channel.is_closed:
+                return
+            try:
+                await self._queue.cancel(tag)
+            except _GONE:
+                _log.debug("rabbitmq.cancel_on_dead_channel", queue=self.queue_name)
 
     async def pause(self) -> None:
         if self._stopped:
@@ -263,7 +299,11 @@ class RabbitSubscription(Subscription):
         if not self._paused:
             return
         self._paused = False
-        await self.start()
+        # During a recovery the queue may be missing: the recovery consumes once it is back.
+        if not self.recovering:
+            async with self._lock:
+                if not self._paused and not self._stopped and self._tag is None:
+                    await self._consume()
         self._wake.set()
 
     async def stop(self) -> None:
@@ -272,7 +312,10 @@ class RabbitSubscription(Subscription):
         self._stopped = True
         self._paused = True
         self._worker.cancel()
-        await asyncio.gather(self._worker, return_exceptions=True)
+        recovery = self._recovery
+        if recovery is not None:
+            recovery.cancel()
+        await asyncio.gather(self._worker, *([recovery] if recovery else []), return_exceptions=True)
         await self._cancel_consumer()
         await self._return_inbox()
         if self.unsettled <= 0:
@@ -287,6 +330,7 @@ class RabbitSubscription(Subscription):
         if self._closed:
             return
         self._closed = True
+        self._channel.reopen_callbacks.discard(self._on_reopen)
         try:
             if not self._channel.is_closed:
                 await self._channel.close()
@@ -300,5 +344,6 @@ class RabbitSubscription(Subscription):
             "consumer_tag": self._tag,
             "paused": self._paused,
             "stopped": self._stopped,
+            "recovering": self.recovering,
             "unsettled": self.unsettled,
         }

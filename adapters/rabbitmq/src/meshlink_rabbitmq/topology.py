@@ -48,6 +48,11 @@ def queue_name(destination: str, group: str) -> str:
     return name
 
 
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class Topology:
     """Exchanges, queues and bindings declared by one transport."""
 
@@ -88,6 +93,14 @@ class Topology:
         await self._once(f"queue:{name}", lambda: self._declare_group(destination, name, options))
         return name
 
+    def forget_group(self, destination: str, group: str) -> None:
+        """Forget that the group's queue was declared: the next :meth:`group` declares and binds it again.
+
+        For a queue the broker lost (deleted by an operator, or a quorum queue that
+        became unavailable), which the broker reports by cancelling its consumers.
+        """
+        self._done.discard(f"queue:{queue_name(destination, group)}")
+
     async def delay_route(self, destination: str, ms: int) -> None:
         """Declare what a message delayed ``ms`` on its way to ``destination`` passes through."""
         s = self._settings
@@ -111,6 +124,9 @@ class Topology:
         pending = self._pending.get(key)
         if pending is None:
             pending = asyncio.ensure_future(self._run(key, declare))
+            # Every caller may have been cancelled meanwhile (a subscription stopped
+            # during its recovery): the outcome is still retrieved, never left unseen.
+            pending.add_done_callback(_retrieve)
             self._pending[key] = pending
         await asyncio.shield(pending)
 
@@ -142,8 +158,19 @@ class Topology:
 
     async def _declare_group(self, destination: str, name: str, options: SubscriptionOptions) -> None:
         args = options.queue_arguments()
-        queue = await self._live().declare_queue(name, durable=True, arguments=args)
-        await queue.bind(self._exchanges[destination], BINDING_KEY)
+        channel, exchange = self._live(), self._exchanges.get(destination)
+        if exchange is None:  # closed meanwhile, which cleared what it had declared
+            raise TransportError("the topology channel is closed")
+        queue = self._queues.get(name)
+        if queue is None:
+            queue = await channel.declare_queue(name, durable=True, arguments=args)
+        else:
+            # Declared again after forget_group(): the same object, so that aio-pika's
+            # channel does not collect one more queue to restore per recovery. Unlike
+            # declare_queue(), it does not wait for the channel to be restored.
+            await channel.ready()
+            await queue.declare()
+        await queue.bind(exchange, BINDING_KEY)
         self._queues[name] = queue
         self._records[f"queue:{name}"] = {
             "kind": "queue",

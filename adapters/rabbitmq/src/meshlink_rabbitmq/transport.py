@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import structlog
@@ -13,6 +14,7 @@ from meshlink.transport.base import DeliveryCallback, Subscription, Subscription
 from meshlink_rabbitmq import connection as _connection
 from meshlink_rabbitmq.consumer import RabbitSubscription
 from meshlink_rabbitmq.publisher import Publisher
+from meshlink_rabbitmq.recovery import ConsumerRecovery
 from meshlink_rabbitmq.settings import RabbitSettings, SubscriptionOptions
 from meshlink_rabbitmq.topology import Topology
 
@@ -26,6 +28,9 @@ class RabbitTransport(Transport):
 
     Args:
         url: ``amqp://user:password@host:port/vhost?setting=value`` (or ``amqps://``).
+        consumer_recovery: how a subscription comes back after the broker cancelled
+            its consumer (queue deleted, quorum queue unavailable); see
+            :class:`~meshlink_rabbitmq.ConsumerRecovery` for the defaults.
         **options: any :class:`~meshlink_rabbitmq.RabbitSettings` field; wins over the URL.
 
     Raises:
@@ -34,8 +39,15 @@ class RabbitTransport(Transport):
 
     schemes = ("amqp", "amqps")
 
-    def __init__(self, url: str = "amqp://guest:guest@localhost/", **options: Any) -> None:
+    def __init__(
+        self,
+        url: str = "amqp://guest:guest@localhost/",
+        *,
+        consumer_recovery: ConsumerRecovery | None = None,
+        **options: Any,
+    ) -> None:
         self.settings = RabbitSettings.from_url(url, **options)
+        self.consumer_recovery = consumer_recovery or ConsumerRecovery()
         self.topology = Topology(self.settings)
         self._publisher = Publisher(self.settings, self.topology)
         self._connection: AbstractRobustConnection | None = None
@@ -117,7 +129,13 @@ class RabbitTransport(Transport):
             # this channel re-creates the queue before consuming from it.
             queue = await channel.declare_queue(name, durable=True, arguments=options.queue_arguments())
             sub = RabbitSubscription(
-                spec, on_delivery, channel, queue, counts_deliveries=options.queue_type == "quorum"
+                spec,
+                on_delivery,
+                channel,
+                queue,
+                counts_deliveries=options.queue_type == "quorum",
+                redeclare=partial(self._redeclare_group, spec, options),
+                recovery=self.consumer_recovery,
             )
             self._subs.append(sub)
             await sub.start()
@@ -125,6 +143,12 @@ class RabbitTransport(Transport):
             await channel.close()
             raise
         return sub
+
+    async def _redeclare_group(self, spec: SubscriptionSpec, options: SubscriptionOptions) -> None:
+        """Declare and bind a group's queue again: the broker cancelled its consumer (queue lost)."""
+        self._live()
+        self.topology.forget_group(spec.destination, spec.group)
+        await self.topology.group(spec.destination, spec.group, options)
 
     @property
     def delivery_deadline(self) -> tuple[float, str]:
