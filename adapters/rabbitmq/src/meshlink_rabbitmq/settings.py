@@ -53,7 +53,8 @@ class RabbitSettings:
     tls_verify: bool = True
     """Verify the broker's certificate and host name (TLS)."""
     heartbeat: float = 10.0
-    """AMQP heartbeat in seconds; a dead peer is noticed after about three of them."""
+    """AMQP heartbeat in whole seconds (0: off, the broker's 60 s applies); a dead peer is
+    noticed after about three of them."""
     connect_timeout: float = 10.0
     """Deadline for the first connection, in seconds."""
     reconnect_interval: float = 1.0
@@ -84,9 +85,9 @@ class RabbitSettings:
     """Quorum queues only: ``x-delivery-limit``, deliveries after which the broker drops a message."""
 
     def __post_init__(self) -> None:
-        for name in ("heartbeat",):
-            if getattr(self, name) < 0:
-                raise ConfigurationError(name, f"must be >= 0, got {getattr(self, name)!r}")
+        if self.heartbeat != 0 and not self.heartbeat >= 1:
+            # AMQP negotiates whole seconds: 0.4 would round to 0, which turns heartbeats off
+            raise ConfigurationError("heartbeat", f"must be 0 (off) or >= 1 second, got {self.heartbeat!r}")
         for name in ("connect_timeout", "reconnect_interval", "publish_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(name, f"must be > 0, got {getattr(self, name)!r}")
