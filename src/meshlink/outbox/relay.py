@@ -155,6 +155,7 @@ class Relay(BatchLoop):
         if self.transport is None:
             raise ConfigurationError("transport", "the relay needs a transport (or attach it to a mesh)")
         self._stopping.clear()
+        self._resumed.set()  # the breaker's start applies its current state again
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"outbox-relay {self.name}")
 
     async def stop(self, timeout: float = 30.0) -> None:

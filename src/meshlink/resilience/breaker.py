@@ -147,13 +147,13 @@ class CircuitBreaker:
             await self._apply(self.state)
 
     async def stop(self) -> None:
-        """Stop timers and watchers."""
+        """Stop timers and watchers. What is attached stays attached: a breaker started again
+        (an outbox relay restarted while the broker was down) pauses and resumes it again."""
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._subscriptions.clear()
 
     # -- the gate ------------------------------------------------------------------------------
 

@@ -142,6 +142,29 @@ class SqlOutboxStore:
         ]
         if exclude:  # in flight: leases stay as they are
             free.append(t.c.id.not_in(self._id_set(exclude, "exclude")))
+        # A row behind an earlier one of its key that is waiting for its retry, or leased to
+        # another relay, cannot be taken: it is left out *before* the LIMIT, or such rows
+        # would fill the LIMIT and keep every other key's rows from being claimed.
+        blocker = t.alias("blocker")
+        free.append(
+            or_(
+                t.c.msg_key.is_(None),
+                ~exists(
+                    select(blocker.c.id).where(
+                        blocker.c.msg_key == t.c.msg_key,
+                        blocker.c.id < t.c.id,
+                        blocker.c.sent_at.is_(None),
+                        or_(
+                            blocker.c.retry_at > now,
+                            and_(
+                                blocker.c.lease_until >= now,
+                                or_(blocker.c.claimed_by.is_(None), blocker.c.claimed_by != relay),
+                            ),
+                        ),
+                    )
+                ),
+            )
+        )
         # locked, so that two claimers never both take a row; SKIP LOCKED: another claimer's
         # rows (and rows being marked sent) are passed over, and then block their keys below
         locked = (

@@ -85,6 +85,9 @@ def build_tables(prefix: str = DEFAULT_PREFIX, *, schema: str | None = None) -> 
         Column("retry_at", Double, nullable=True),
         Column("sent_at", Double, nullable=True),
         Column("last_error", Text, nullable=True),
+        # SQLite reuses the largest deleted rowid without AUTOINCREMENT: a second row moved
+        # aside under a reused id would collide in the failed table, and stay stuck for good
+        sqlite_autoincrement=True,
     )
     Index(f"ix_{p}outbox_unsent", outbox.c.id, postgresql_where=unsent, sqlite_where=unsent)
     Index(
