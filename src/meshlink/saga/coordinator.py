@@ -98,6 +98,7 @@ class SagaCoordinator:
         self._lock = KeyedLocks()
         self._commit = GroupCommit(store, max_batch=max_batch)
         self._known: dict[str, SagaInstance] = {}
+        self._foreign: set[str] = set()  # sagas of a definition version not run here (logged)
         self._timer: asyncio.Task[None] | None = None
         for saga in self.sagas.values():
             mesh.handler(
@@ -194,7 +195,9 @@ class SagaCoordinator:
         if inst is None:
             _log.warning("reply for an unknown saga", saga_id=sid, type=message.type)
             return
-        saga = self.sagas[inst.name]
+        saga = self._definition_of(inst)
+        if saga is None:
+            return
         step_name = message.headers.get(H_SAGA_STEP, "")
         current = saga.steps[inst.step] if inst.step < len(saga.steps) else None
         expected = (
@@ -206,6 +209,11 @@ class SagaCoordinator:
         )
         if not expected or not isinstance(current, RemoteStep):
             detail = f"{message.type} arrived while {inst.status.value}, not waiting for it"
+            if not inst.status.finished and not inst.waiting:
+                # mid-transition (a local step or an undo may be running on another replica):
+                # a save would make that replica's save stale and its step run again
+                _log.info("reply ignored", saga_id=sid, step=step_name, detail=detail)
+                return
             await self._save(inst.log(self._now(), step_name, "ignored-reply", detail=detail))
             return
         if message.type == current.success.__name__:
@@ -244,15 +252,21 @@ class SagaCoordinator:
         now = self._now()
         found = await (self.store.unfinished() if everything else self.store.due(now))
         for inst in found:
-            async with self._lock(inst.saga_id):
-                await self._retry_stale(inst.saga_id, lambda fresh: self._move_on(fresh, now, everything))
+            if self._lock.held(inst.saga_id):
+                continue  # this process is moving it now (a long local step): never wait on it
+            try:
+                async with self._lock(inst.saga_id):
+                    await self._retry_stale(inst.saga_id, lambda fresh: self._move_on(fresh, now, everything))
+            except Exception:  # one saga that cannot move must not hold back the others
+                _log.exception("saga could not be moved on; tried at the next sweep", saga_id=inst.saga_id)
 
     async def _move_on(self, inst: SagaInstance, now: float, everything: bool) -> None:
-        if not everything and inst.wake_at is not None and inst.wake_at > now:
-            return  # someone saved it since the sweep looked: it is moving
-        saga = self.sagas.get(inst.name)
+        if inst.wake_at is not None and inst.wake_at > now and (not everything or not inst.waiting):
+            # saved since the sweep looked, or (at start) saved mid-transition less than
+            # stalled_after ago: another coordinator may be running its step right now
+            return
+        saga = self._definition_of(inst)
         if saga is None:
-            _log.error("unfinished saga of an unknown definition", saga_id=inst.saga_id, name=inst.name)
             return
         if inst.waiting:
             if inst.due_at is not None and inst.due_at <= now:
@@ -357,6 +371,26 @@ class SagaCoordinator:
         self._known[saved.saga_id] = saved
         if len(self._known) > _KNOWN_MAX:
             del self._known[next(iter(self._known))]  # the least recently saved
+
+    def _definition_of(self, inst: SagaInstance) -> Saga[Any] | None:
+        """The definition ``inst`` runs under here, or ``None`` (logged once per saga): an
+        instance of another version is left to a coordinator that runs that version, never
+        moved through this version's steps."""
+        saga = self.sagas.get(inst.name)
+        if saga is not None and saga.version == inst.definition_version:
+            return saga
+        if inst.saga_id not in self._foreign:
+            if len(self._foreign) >= _KNOWN_MAX:
+                self._foreign.clear()
+            self._foreign.add(inst.saga_id)
+            _log.error(
+                "saga of a definition this coordinator does not run; left alone",
+                saga_id=inst.saga_id,
+                name=inst.name,
+                version=inst.definition_version,
+                running=saga.version if saga is not None else None,
+            )
+        return None
 
     def _state(self, saga: Saga[Any], inst: SagaInstance) -> BaseModel:
         state: BaseModel = saga.state_type.model_validate(inst.state)

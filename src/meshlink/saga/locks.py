@@ -24,6 +24,10 @@ class KeyedLocks:
     def __len__(self) -> int:
         return len(self._locks)
 
+    def held(self, key: str) -> bool:
+        """Whether a task of this process holds (or waits for) ``key``'s lock."""
+        return key in self._locks
+
     @contextlib.asynccontextmanager
     async def __call__(self, key: str) -> AsyncIterator[None]:
         entry = self._locks.get(key)
