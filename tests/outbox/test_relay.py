@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
 from meshlink import Breaker, FakeClock
 from meshlink.errors import PublishError, UnroutableError
@@ -255,3 +256,44 @@ async def test_a_row_that_fails_in_flight_holds_back_its_keys_rows_claimed_behin
     await recorder.until(lambda: sum(len(e.ids) for e in recorder.of(OutboxBatchPublished)) == 3)  # type: ignore[attr-defined]
     await relay.stop()
     assert numbers(transport) == [1, 2, 3]
+
+
+async def test_sent_rows_are_purged_under_constant_load_too(
+    transport: ScriptedTransport, fake_clock: FakeClock
+) -> None:
+    """Every claim finds a full batch (the outbox is never drained): sent rows must still be
+    purged every purge_interval, or the table grows for good."""
+
+    class Busy(MemoryOutboxStore):
+        purges = 0
+
+        async def claim(self, relay: str, **kwargs: Any) -> list[OutboxRow]:
+            async with self.transaction() as tx:
+                for n in range(kwargs["limit"]):
+                    await outbox.publish(tx, "orders", {"n": n})
+            return await super().claim(relay, **kwargs)
+
+        async def purge(self, *, sent_before: float, limit: int = 10_000) -> int:
+            Busy.purges += 1
+            return await super().purge(sent_before=sent_before, limit=limit)
+
+    store = Busy()
+    outbox = Outbox(store, clock=fake_clock)
+    relay = Relay(store, transport, clock=fake_clock, batch_size=2, purge_interval="10s", retention="1s")
+
+    async def until(condition: Callable[[], bool]) -> None:
+        async with asyncio.timeout(10):
+            while not condition():  # noqa: ASYNC110 - the relay's progress is read, no event reports it
+                await asyncio.sleep(0)
+
+    await relay.start()
+    try:
+        await until(lambda: Busy.purges >= 1 and len(transport.published) >= 10)
+        await fake_clock.advance(11)
+        await until(lambda: Busy.purges >= 2)
+        await fake_clock.advance(11)
+        await until(lambda: Busy.purges >= 3)
+    finally:
+        await relay.stop()
+    stats = await store.stats(now=fake_clock.time())
+    assert stats.sent < len(transport.published)  # some sent rows were purged meanwhile

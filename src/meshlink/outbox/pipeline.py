@@ -71,6 +71,10 @@ class BatchLoop:
         """Whether the relay is held back."""
         raise NotImplementedError
 
+    async def _maybe_purge(self) -> None:
+        """Remove rows sent before the retention period, at most every purge interval."""
+        raise NotImplementedError
+
     async def _store_op(self, operation: str, op: Awaitable[Any]) -> tuple[bool, Any]:
         try:
             return True, await op
@@ -116,6 +120,7 @@ class BatchLoop:
             if settled and outcome.clean and more and not (self._stopping.is_set() or self.paused):
                 assert following is not None
                 previous, batch = (outcome, batch.ids), following
+                await self._maybe_purge()  # under constant load this loop never ends
                 continue
             # drain: anything but a clean batch ends the overlap (what follows was claimed before
             # the store knew this batch's outcome), then the next claim starts afresh

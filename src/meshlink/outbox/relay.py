@@ -214,11 +214,14 @@ class Relay(BatchLoop):
                     await self._wait_any(self._resumed.wait())
                     continue
                 drained = await self._pump()
+                if not self._stopping.is_set():
+                    # every purge_interval, busy or not (the pump purges between batches too):
+                    # under constant load the outbox is never drained, and sent rows would pile up
+                    await self._maybe_purge()
                 backoff, self._backoff = self._backoff, None
                 if backoff is not None:
                     await self._wait_any(self.clock.sleep(backoff))
                 elif drained and not self._stopping.is_set():
-                    await self._maybe_purge()
                     await self._wait_any(self._wake.wait(), self.clock.sleep(self.poll_interval))
         finally:
             if watch is not None:
