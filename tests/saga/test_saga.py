@@ -309,6 +309,9 @@ def test_definitions_are_checked_when_declared() -> None:
         saga.remote("c", send=lambda s: Command("x", {}), success=dict)  # type: ignore[type-var]
     with pytest.raises(ConfigurationError, match="pydantic model"):
         Saga("t", dict)  # type: ignore[type-var]
+    with pytest.raises(ConfigurationError, match="needs a destination") as info:
+        Command("", {})
+    assert info.value.setting == "destination"
 
 
 def test_a_saga_renders_as_mermaid() -> None:

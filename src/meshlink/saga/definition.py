@@ -47,6 +47,14 @@ class Command:
     payload: object
     key: str | None = None
 
+    def __post_init__(self) -> None:
+        # refused where the command is made: a store that refuses it later would fail every
+        # saga saved in the same batch with it
+        if not isinstance(self.destination, str) or not self.destination:
+            raise ConfigurationError(
+                "destination", f"a saga command needs a destination, got {self.destination!r}"
+            )
+
 
 LocalAction = Callable[[Any], Awaitable[Any]]
 CommandFactory = Callable[[Any], Command]
