@@ -69,10 +69,11 @@ class MeshScenarios(ConformanceBase):
 
         @mesh.handler(self.dest(), concurrency=4)
         async def work(message: Message) -> None:
+            first = not started  # decided at the append: another handler may append meanwhile
             started.append(message.id)
             async with changed:
                 changed.notify_all()
-            if len(started) == 1:
+            if first:
                 await asyncio.Event().wait()  # never finishes: cancelled at the drain deadline
             await release.wait()
             finished.append(message.id)

@@ -52,8 +52,10 @@ Pause, stop and close
 
 Delay
     ``publish(..., delay=s)`` makes the message deliverable no earlier than ``s``
-    seconds after the call returns. The broker holds it (TTL queue, delay topic,
-    timer), so a delay never blocks the publisher or a consumer.
+    seconds after the call was made (a broker starts the delay when it takes the
+    message, which may be a confirm round trip before the call returns). The broker
+    holds it (TTL queue, delay topic, timer), so a delay never blocks the publisher
+    or a consumer.
 """
 
 from __future__ import annotations

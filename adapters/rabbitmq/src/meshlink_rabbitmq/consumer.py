@@ -25,6 +25,7 @@ cancelled consumer are still handed over and settled on their own channel.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import uuid
 from collections import deque
@@ -40,7 +41,7 @@ from meshlink.errors import TransportClosedError
 from meshlink.message import Message
 from meshlink.transport.base import Delivery, DeliveryCallback, Subscription, SubscriptionSpec
 from meshlink_rabbitmq import delay
-from meshlink_rabbitmq.recovery import CancelRecovery, ConsumerRecovery, consumers_of
+from meshlink_rabbitmq.recovery import CancelRecovery, ConsumerRecovery, consumers_of, forget_consumer
 
 __all__ = ["BROKER_HEADERS", "RabbitDelivery", "RabbitSubscription"]
 
@@ -185,6 +186,7 @@ class RabbitSubscription(CancelRecovery, Subscription):
             if self._paused or self._stopped or self._tag is None or self._tag in consumers_of(underlay):
                 return
             _log.warning("rabbitmq.consumer_missing_after_reconnect", queue=self.queue_name, tag=self._tag)
+            forget_consumer(self._queue, self._tag)  # a later restore must not bring it back too
             await self._consume()
 
     # -- arrival and hand-over ---------------------------------------------------------
@@ -276,7 +278,12 @@ class RabbitSubscription(CancelRecovery, Subscription):
         async with self._lock:
             tag, self._tag = self._tag, None
             self._current = 0  # anything still arriving for the old consumer is given back
-            if tag is None or self._channel.is_closed:
+            if tag is None:
+                return
+            if self._channel.is_closed:
+                # link down: the broker dropped the consumer with the channel; aio-pika must
+                # not bring it back when it reopens the channel (see forget_consumer)
+                forget_consumer(self._queue, tag)
                 return
             try:
                 await self._queue.cancel(tag)
@@ -301,9 +308,17 @@ class RabbitSubscription(CancelRecovery, Subscription):
         self._paused = False
         # During a recovery the queue may be missing: the recovery consumes once it is back.
         if not self.recovering:
-            async with self._lock:
-                if not self._paused and not self._stopped and self._tag is None:
-                    await self._consume()
+            try:
+                async with self._lock:
+                    if not self._paused and not self._stopped and self._tag is None:
+                        await self._consume()
+            except Exception as exc:
+                # the link is down, or the queue went while paused: consume again once it
+                # is back (declared and bound again), never leave the subscription dead
+                _log.warning(
+                    "rabbitmq.resume_failed", queue=self.queue_name, error=f"{type(exc).__name__}: {exc}"
+                )
+                self._start_recovery(None)
         self._wake.set()
 
     async def stop(self) -> None:
@@ -331,11 +346,10 @@ class RabbitSubscription(CancelRecovery, Subscription):
             return
         self._closed = True
         self._channel.reopen_callbacks.discard(self._on_reopen)
-        try:
-            if not self._channel.is_closed:
-                await self._channel.close()
-        except _GONE:
-            pass
+        # Closed even when the link is down: closing is what stops aio-pika from reopening
+        # the channel (and restoring its consumers) after the reconnect.
+        with contextlib.suppress(*_GONE):
+            await self._channel.close()
 
     def describe(self) -> dict[str, Any]:
         """State for diagnostics."""

@@ -25,10 +25,23 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustQueue
 
 from meshlink.errors import ConfigurationError, TransportError
 
-__all__ = ["CancelRecovery", "ConsumerRecovery", "consumers_of"]
+__all__ = ["CancelRecovery", "ConsumerRecovery", "consumers_of", "forget_consumer"]
 
 _log = structlog.get_logger("meshlink.rabbitmq")
 _GONE = (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError)
+
+
+def forget_consumer(queue: AbstractRobustQueue, tag: str) -> None:
+    """Drop ``tag`` from the consumers aio-pika restores when it reopens the channel.
+
+    ``RobustQueue.cancel`` does this before it sends the cancel, but needs a live
+    channel to send it; a consumer cancelled while the link is down must be dropped
+    here, or aio-pika brings it back after the reconnect (a consumer nobody owns,
+    requeueing every message it gets). aio-pika has no public call for it.
+    """
+    consumers = getattr(queue, "_consumers", None)
+    if isinstance(consumers, dict):
+        consumers.pop(tag, None)
 
 
 def consumers_of(channel: aiormq.abc.AbstractChannel) -> Any:
@@ -123,19 +136,25 @@ class CancelRecovery:
         _log.warning(
             "rabbitmq.consumer_lost", queue=self.queue_name, tag=tag, reason=reason, paused=self._paused
         )
+        self._start_recovery(tag)
+
+    def _start_recovery(self, lost: str | None) -> None:
+        """Declare the queue again and consume again, with a backoff, in the background."""
         if self._stopped or self.recovering:
             return
         self._recovery = asyncio.get_running_loop().create_task(
-            self._recover(tag), name=f"rabbitmq-consumer-recovery:{self.queue_name}"
+            self._recover(lost), name=f"rabbitmq-consumer-recovery:{self.queue_name}"
         )
 
-    async def _recover(self, lost: str) -> None:
-        async with self._lock:
-            # aio-pika still lists the tag and would consume it again by itself, with the
-            # old callback and on the queue as it finds it; drop it (the broker ignores
-            # a cancel of a tag it does not know).
-            with contextlib.suppress(*_GONE):
-                await self._queue.cancel(lost, nowait=True)
+    async def _recover(self, lost: str | None) -> None:
+        if lost is not None:
+            async with self._lock:
+                # aio-pika still lists the tag and would consume it again by itself, with the
+                # old callback and on the queue as it finds it; drop it (the broker ignores
+                # a cancel of a tag it does not know).
+                forget_consumer(self._queue, lost)
+                with contextlib.suppress(*_GONE):
+                    await self._queue.cancel(lost, nowait=True)
         failures = 0
         while not self._stopped:
             try:
