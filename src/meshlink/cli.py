@@ -17,7 +17,7 @@ from meshlink.dlq import DeadLetterQueue
 from meshlink.errors import ConfigurationError, MeshlinkError
 from meshlink.logs import configure
 from meshlink.message import H_ATTEMPT, H_IDEMPOTENCY_KEY, Message
-from meshlink.outbox.cli import db_app, outbox_app
+from meshlink.outbox.cli import db_app, outbox_app, positive
 from meshlink.resilience.deadletter import ERROR_MESSAGE, ERROR_TYPE, FAILED_ATTEMPTS
 from meshlink.saga.cli import saga_app
 from meshlink.transport.registry import transport_from_url
@@ -131,7 +131,7 @@ app.add_typer(dlq_app, name="dlq")
 
 BrokerOpt = Annotated[str, typer.Option("--broker", help="Broker URL, e.g. amqp://guest:guest@localhost/.")]
 DestOpt = Annotated[str, typer.Option("--destination", "-d", help="Dead-letter destination.")]
-LimitOpt = Annotated[int, typer.Option(help="Most messages to look at.")]
+LimitOpt = Annotated[int, typer.Option(min=1, help="Most messages to look at.")]
 
 
 async def _with_dlq(broker: str, destination: str, work: Callable[[DeadLetterQueue], Awaitable[T]]) -> T:
@@ -197,7 +197,7 @@ def dlq_replay(
     error_type: Annotated[
         str | None, typer.Option("--error-type", help="Replay only messages that failed with this error.")
     ] = None,
-    rate: Annotated[float | None, typer.Option(help="Most messages per second.")] = None,
+    rate: Annotated[float | None, typer.Option(callback=positive, help="Most messages per second.")] = None,
     limit: LimitOpt = 10_000,
 ) -> None:
     """Replay dead-lettered messages to the group they failed in (same id, fresh budget)."""
@@ -206,7 +206,7 @@ def dlq_replay(
         return (
             (message_id is None or m.id == message_id)
             and (type_ is None or m.type == type_)
-            and (error_type is None or m.headers.get(ERROR_TYPE, "").endswith(error_type))
+            and (error_type is None or _same_error(m.headers.get(ERROR_TYPE, ""), error_type))
         )
 
     with typer.progressbar(length=limit, label="replaying", show_pos=True) as bar:
@@ -216,6 +216,12 @@ def dlq_replay(
             lambda q: q.replay(choose, limit=limit, rate=rate, progress=lambda _: bar.update(1)),
         )
     typer.echo(f"replayed {count} message(s) from {destination}")
+
+
+def _same_error(recorded: str, wanted: str) -> bool:
+    """``wanted`` names the recorded error type: in full, or by its unqualified name
+    (``ValueError`` matches ``builtins.ValueError``, not ``shop.PriceValueError``)."""
+    return recorded == wanted or recorded.endswith("." + wanted)
 
 
 def main() -> None:

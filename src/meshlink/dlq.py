@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from meshlink.app import DEAD_LETTER_GROUP
 from meshlink.clock import Clock, SystemClock
+from meshlink.errors import ConfigurationError
 from meshlink.message import FAILURE_PREFIX, Message
 from meshlink.resilience.deadletter import ORIGINAL_DESTINATION, ORIGINAL_GROUP
 from meshlink.transport.base import Delivery, SubscriptionSpec, Transport
@@ -68,6 +69,8 @@ class DeadLetterQueue:
         self.clock = clock or SystemClock()
 
     async def _scan(self, limit: int) -> list[Delivery]:
+        if limit < 1:
+            raise ConfigurationError("limit", f"must be >= 1, got {limit}")
         scan = _Scan([], asyncio.Event())
 
         async def take(delivery: Delivery) -> None:
@@ -117,6 +120,8 @@ class DeadLetterQueue:
             rate: most messages per second (``None``: as fast as the broker confirms).
             progress: called after each replayed message.
         """
+        if rate is not None and not rate > 0:
+            raise ConfigurationError("rate", f"must be > 0 messages per second, got {rate}")
         taken = await self._scan(limit)
         replayed = 0
         try:

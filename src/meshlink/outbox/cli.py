@@ -27,6 +27,14 @@ _log = structlog.get_logger("meshlink.outbox")
 outbox_app = typer.Typer(help="Run the outbox relay and inspect the outbox.", no_args_is_help=True)
 db_app = typer.Typer(help="Create the tables of a SQL store.", no_args_is_help=True)
 
+
+def positive(value: float | None) -> float | None:
+    """Option callback: a number of seconds or a rate must be above zero."""
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"must be > 0, got {value}")
+    return value
+
+
 StoreOpt = Annotated[str, typer.Option("--store", help="Store URL, e.g. postgresql+asyncpg://user@host/db.")]
 
 
@@ -35,6 +43,9 @@ def _run(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
         return asyncio.run(work())
     except MeshlinkError as exc:
         typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    except Exception as exc:  # a store that cannot be reached or opened (driver errors): no traceback
+        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
         raise typer.Exit(2) from exc
 
 
@@ -96,7 +107,9 @@ def relay_command(
     lease: Annotated[str, typer.Option(help="How long a claim lasts.")] = "30s",
     max_attempts: Annotated[int, typer.Option(help="Failed attempts before a row is moved aside.")] = 10,
     retention: Annotated[str, typer.Option(help="How long sent rows are kept.")] = "1h",
-    health_interval: Annotated[float, typer.Option(help="Seconds between health lines.")] = 10.0,
+    health_interval: Annotated[
+        float, typer.Option(callback=positive, help="Seconds between health lines.")
+    ] = 10.0,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "INFO",
     json_logs: Annotated[bool, typer.Option("--json-logs", help="Log JSON lines.")] = False,
 ) -> None:

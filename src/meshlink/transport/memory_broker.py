@@ -7,6 +7,7 @@ broker's state and its subscriptions, the transport there is the public face.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import itertools
 from collections import deque
@@ -28,12 +29,21 @@ __all__ = ["MemoryBroker", "MemoryDelivery", "MemorySubscription"]
 _log = structlog.get_logger("meshlink.memory")
 
 
+_SEQ = itertools.count()
+
+
 class _Entry:
-    __slots__ = ("count", "message")
+    __slots__ = ("count", "message", "seq")
 
     def __init__(self, message: Message) -> None:
         self.message = message
         self.count = 0
+        self.seq = next(_SEQ)
+        """Arrival order: a message given back returns to its place, as on RabbitMQ."""
+
+
+def _seq_of(entry: _Entry) -> int:
+    return entry.seq
 
 
 class _Group:
@@ -151,13 +161,14 @@ class MemoryBroker:
         return None
 
     def give_back(self, g: _Group, entries: list[_Entry], *, redelivered: bool) -> None:
-        """Put entries back at the head of the group queue, in their order."""
-        for entry in reversed(entries):
+        """Put entries back where they were in the group queue (the queue stays in arrival
+        order, as RabbitMQ keeps a requeued message's position)."""
+        for entry in entries:
             if entry.message.key is not None:
                 g.busy_keys.discard(entry.message.key)
             if redelivered:
                 entry.count += 1
-            g.ready.appendleft(entry)
+            g.ready.insert(bisect.bisect_left(g.ready, entry.seq, key=_seq_of), entry)
         self.pump(g)
         self.touch()
 
