@@ -377,3 +377,26 @@ async def test_resume_during_a_link_loss_consumes_once_the_link_is_back(
     state = await broker.queue_state(queue)
     assert state is not None
     assert state[1] == 1, f"{state[1]} consumers"
+
+
+# -- 6. stop() while a resume() waits for the link ----------------------------------------------
+
+
+async def test_stop_while_a_resume_waits_for_the_link_does_not_wait_for_the_broker(
+    proxy: TCPProxy, cleanup: Any, broker: Any
+) -> None:
+    """The breaker's half-open resume runs while the broker is down; a SIGTERM then stops the
+    mesh. stop() used to wait on the subscription's lock, held by resume() until the link came
+    back (for as long as the broker stayed down)."""
+    t = cleanup.transport(via(proxy), reconnect_interval=0.1)
+    await t.connect()
+    sub = await t.subscribe(SubscriptionSpec(destination=name("stop-hang"), group="g"), Collect())
+    await sub.pause()
+    await link_down(proxy, t, sub)
+    resuming = asyncio.get_running_loop().create_task(sub.resume())
+    await resuming  # returns at once: the consume is left to the background recovery
+    stopping = asyncio.get_running_loop().create_task(sub.stop())
+    done, _ = await asyncio.wait([stopping], timeout=GUARD)
+    assert done, "stop() waited for the broker to come back"
+    assert not sub.recovering
+    await link_up(proxy, t)

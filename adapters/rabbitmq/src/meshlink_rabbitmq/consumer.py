@@ -37,7 +37,7 @@ import aiormq
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustQueue
 
-from meshlink.errors import TransportClosedError
+from meshlink.errors import TransportClosedError, TransportError
 from meshlink.message import Message
 from meshlink.transport.base import Delivery, DeliveryCallback, Subscription, SubscriptionSpec
 from meshlink_rabbitmq import delay
@@ -164,16 +164,25 @@ class RabbitSubscription(CancelRecovery, Subscription):
             await self._consume()
 
     async def _consume(self) -> None:
-        await self._hook()
-        self._current = generation = next(self._generation)
+        """Register a consumer (under ``_lock``). Bounded: during an outage the link wait would
+        otherwise hold the lock, and every pause or stop behind it, until the broker is back."""
         tag = f"meshlink.{self.spec.group}.{uuid.uuid4().hex[:12]}"
-        # Known before the consume-ok: a broker cancel right after it must find it.
-        self._tag = tag
         try:
-            await self._queue.consume(partial(self._on_message, generation), consumer_tag=tag)
-        except BaseException:
+            async with asyncio.timeout(self._policy.consume_timeout):
+                await self._hook()
+                self._current = generation = next(self._generation)
+                # Known before the consume-ok: a broker cancel right after it must find it.
+                self._tag = tag
+                await self._queue.consume(partial(self._on_message, generation), consumer_tag=tag)
+        except BaseException as exc:
             if self._tag == tag:
                 self._tag = None
+                forget_consumer(self._queue, tag)
+            if isinstance(exc, TimeoutError):
+                raise TransportError(
+                    f"consuming did not start within {self._policy.consume_timeout:g}s (link down?)",
+                    destination=self.spec.destination,
+                ) from exc
             raise
 
     async def ensure_consuming(self) -> None:
@@ -307,7 +316,9 @@ class RabbitSubscription(CancelRecovery, Subscription):
             return
         self._paused = False
         # During a recovery the queue may be missing: the recovery consumes once it is back.
-        if not self.recovering:
+        if not self.recovering and self._channel.is_closed:
+            self._start_recovery(None)  # link down: consume once it is back, in the background
+        elif not self.recovering:
             try:
                 async with self._lock:
                     if not self._paused and not self._stopped and self._tag is None:

@@ -64,6 +64,9 @@ class ConsumerRecovery:
     """Seconds to wait after the first failed attempt."""
     max_delay: float = 5.0
     """The longest wait between two attempts."""
+    consume_timeout: float = 10.0
+    """Longest one consume may wait (for the link, for the broker's answer) while it holds the
+    subscription's lock: a pause or stop waits at most this long during an outage."""
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     """How to wait (injected by tests so that they never wait on the clock)."""
 
@@ -72,6 +75,10 @@ class ConsumerRecovery:
             raise ConfigurationError(
                 "consumer_recovery",
                 f"needs 0 < first_delay <= max_delay, got {self.first_delay}, {self.max_delay}",
+            )
+        if not self.consume_timeout > 0:
+            raise ConfigurationError(
+                "consumer_recovery", f"consume_timeout must be > 0, got {self.consume_timeout}"
             )
 
     def delay(self, failures: int) -> float:
