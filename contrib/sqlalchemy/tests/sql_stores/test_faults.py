@@ -205,6 +205,12 @@ async def test_the_relay_has_its_own_pool_without_pre_ping_and_the_application_k
         assert not relay_engine.sync_engine.pool._pre_ping
         await stores.init()
         assert (await stores.outbox.stats(now=0)).pending == 0  # the relay's engine works
+        async with relay_engine.connect() as conn:
+            # the claim statement's estimate crosses jit_above_cost; compiling it cost more
+            # than the claim itself, so the relay's connections run without JIT
+            assert (await conn.execute(text("SHOW jit"))).scalar() == "off"
+        async with stores.engine.connect() as conn:
+            assert (await conn.execute(text("SHOW jit"))).scalar() == "on"  # the application's: untouched
         await stores.drop()
     finally:
         await stores.close()
