@@ -362,3 +362,30 @@ async def test_an_instance_of_an_older_version_is_not_run_against_the_new_defini
         assert not (inst.status is SagaStatus.COMPENSATED and shop.released == []), (
             "reported compensated, but the reservation was never released"
         )
+
+
+# -- 6. a reply checked against a stale cached copy ---------------------------------------------
+
+
+async def test_a_reply_is_checked_against_the_stored_saga_when_the_cached_copy_is_mid_transition(
+    memory_url: str, fake_clock: FakeClock
+) -> None:
+    """A coordinator remembers the last copy it saved. Another replica may have moved the saga
+    on since (it took over a step this one left): a genuine reply must then be checked against
+    the stored saga, not ignored because the remembered copy is mid-transition."""
+    store = MemorySagaStore()
+    shop = Shop(memory_url, fake_clock)
+    shop.pay_silent = True
+    mesh = Mesh(memory_url, service="orders", clock=fake_clock)
+    a = SagaCoordinator(mesh, [reserve_then_pay()], store=store, poll=1)
+    async with shop.mesh, mesh:
+        sid = await a.start("shop", Order(order_id="o1"), saga_id="s1")
+        await settle(fake_clock, lambda: shop.pays == ["o1"], seconds=2)  # waiting for the payment
+        stored = store.instances[sid]
+        assert stored.waiting
+        a._known[sid] = stored.evolve(waiting=False, due_at=None)  # what A remembers: older
+        paid = mesh.message(
+            Paid(payment="p-o1"), headers={"saga-id": sid, "saga-step": "pay", "saga-token": stored.token}
+        )
+        await a._on_reply(paid)
+        assert store.instances[sid].status is SagaStatus.COMPLETED, events(store, sid)

@@ -190,8 +190,9 @@ class SagaCoordinator:
                     continue  # another coordinator moved it: reload and look again
             raise StaleSagaError("saga kept changing under this reply", saga_id=sid)
 
-    async def _apply_reply(self, sid: str, message: Message) -> None:
-        inst = self._known.get(sid) or await self.store.load(sid)
+    async def _apply_reply(self, sid: str, message: Message, *, fresh: bool = False) -> None:
+        cached = None if fresh else self._known.get(sid)
+        inst = cached or await self.store.load(sid)
         if inst is None:
             _log.warning("reply for an unknown saga", saga_id=sid, type=message.type)
             return
@@ -210,6 +211,11 @@ class SagaCoordinator:
         if not expected or not isinstance(current, RemoteStep):
             detail = f"{message.type} arrived while {inst.status.value}, not waiting for it"
             if not inst.status.finished and not inst.waiting:
+                if cached is not None:
+                    # this copy may be stale (nothing saved here since): decide on the stored one
+                    self._known.pop(sid, None)
+                    await self._apply_reply(sid, message, fresh=True)
+                    return
                 # mid-transition (a local step or an undo may be running on another replica):
                 # a save would make that replica's save stale and its step run again
                 _log.info("reply ignored", saga_id=sid, step=step_name, detail=detail)
