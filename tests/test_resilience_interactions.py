@@ -506,3 +506,42 @@ async def test_a_breaker_opened_by_failures_before_it_started_pauses_its_subscri
     await breaker.start()
     assert sub.paused
     await breaker.stop()
+
+
+async def test_a_try_retried_after_the_handler_returned_is_cancelled_at_the_drain_deadline(
+    memory_url: str, monkeypatch: Any
+) -> None:
+    """The handler returned, then the unit of work's commit failed and the retry runs the
+    handler again: that new try is running, not settling, so the drain deadline cancels it
+    (it was left to the much longer settle grace)."""
+    import meshlink.dispatch
+
+    monkeypatch.setattr(meshlink.dispatch, "_SETTLE_GRACE", 3600.0)
+    tries: list[int] = []
+    second = asyncio.Event()
+
+    def commit_fails_once(next_: Any) -> Any:
+        async def run(ctx: Any) -> None:
+            await next_(ctx)
+            if len(tries) == 1:
+                raise ConnectionError("commit lost")
+
+        return run
+
+    mesh = Mesh(memory_url, service="svc")
+
+    retry = Retry(attempts=3, backoff=0.001, jitter=0)
+
+    @mesh.handler("orders", timeout=None, unit_of_work=commit_fails_once, retry=retry)
+    async def charge(order: dict[str, int]) -> None:
+        tries.append(order["n"])
+        if len(tries) == 2:
+            second.set()
+            await asyncio.Event().wait()  # the retried try hangs
+
+    await mesh.start()
+    await mesh.publish("orders", {"n": 1})
+    await second.wait()
+    async with asyncio.timeout(30):  # hang guard: the grace is an hour
+        await mesh.stop(drain_timeout=0)
+    assert mesh.in_flight == 0

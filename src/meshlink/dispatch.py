@@ -233,6 +233,8 @@ class Dispatcher:
         await self.recoverability.on_failure(ctx, exc)
 
     async def _call_user(self, ctx: Context) -> None:
+        if ctx._task is not None:
+            self._settling.discard(ctx._task)  # a retried try is running again: cancellable
         if self.spec.wants_context:
             await self.spec.fn(ctx.payload, ctx)
         else:
@@ -271,7 +273,9 @@ class Dispatcher:
                 _log.warning("settlements did not finish; cancelled", count=len(stuck), grace=_SETTLE_GRACE)
                 for task in stuck:
                     task.cancel()
-                await asyncio.wait(stuck)
+                _, unfinished = await asyncio.wait(stuck, timeout=_SETTLE_GRACE)
+                if unfinished:  # a give-back that hangs too: leave it, the broker redelivers
+                    _log.error("handler tasks ignored their cancellation", count=len(unfinished))
                 cancelled.extend(t for t in stuck if t not in cancelled)
         for task in [t for t in self.tasks if t.done()]:  # cancelled before their first step
             self._finished(task)
