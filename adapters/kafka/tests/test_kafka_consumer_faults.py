@@ -687,3 +687,47 @@ async def test_the_committer_goes_on_after_a_commit_raises_something_unexpected(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_delay_relay_drops_a_record_for_a_topic_that_cannot_exist_and_goes_on() -> None:
+    """With create_topics off, a delayed record for a topic that does not exist would be retried
+    for good and hold every delayed record behind it on its partition: it is dropped (logged)."""
+    from meshlink.errors import UnroutableError
+
+    fake = _FakeConsumer(topic="meshlink.delay.1s")
+    tp = TopicPartition("meshlink.delay.1s", 0)
+    never = [UnroutableError("topic does not exist and create_topics is off", destination="gone")]
+    topics = _Topics(never * 1_000)
+    producer = _Producer()
+    relay = DelayRelay(_settings(), producer, topics, _Clock(1_000.0))  # type: ignore[arg-type]
+    relay._consumer = fake  # type: ignore[assignment]
+    fake.assigned = {tp}
+    fake.position_of = {tp: 0}
+    relay._heads[tp] = deque()
+    _delayed(fake, tp, "gone", 999_000, 0)
+    relay._task = asyncio.get_running_loop().create_task(relay._run())
+    try:
+        await _until(lambda: topics.calls >= 1, what="first republish attempt")
+        topics.errors.clear()  # every other topic exists
+        _delayed(fake, tp, "orders", 999_000, 1)
+        await _until(lambda: fake.committed.get(tp, 0) >= 2, what="relay committing past both records")
+        assert [r.message_id for r in producer.sent] == ["id1"]
+    finally:
+        await relay.stop()
+
+
+async def test_a_progress_lookup_that_fails_does_not_leave_the_new_assignment_paused() -> None:
+    """on_assigned pauses the new partitions until their state exists; a progress lookup that
+    raises something other than a KafkaError used to leave them paused until the next rebalance."""
+    from meshlink_kafka.progress import previous_progress
+
+    class Coordinator:
+        async def fetch_committed_offsets(self, tps: set[TopicPartition]) -> dict[TopicPartition, Any]:
+            raise TimeoutError("coordinator did not answer")
+
+    class Client:
+        _coordinator = Coordinator()
+
+    tp = TopicPartition("t", 0)
+    progress = await previous_progress(Client(), "b", "g", {tp})
+    assert set(progress) == {tp}  # the committed offsets alone apply

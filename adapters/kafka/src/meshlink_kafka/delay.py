@@ -27,6 +27,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import ConsumerStoppedError, KafkaError
 
 from meshlink.clock import Clock
+from meshlink.errors import UnroutableError
 from meshlink_kafka.producer import Producer, Record
 from meshlink_kafka.settings import KafkaSettings
 from meshlink_kafka.topics import TopicManager
@@ -181,7 +182,19 @@ class DelayRelay:
                 _log.error("delay record without a destination; dropped", topic=rec.topic, offset=rec.offset)
                 target = ""
             else:
-                await self._topics.ensure(target)
+                try:
+                    await self._topics.ensure(target)
+                except UnroutableError:
+                    # the topic does not exist and create_topics is off: it will not appear by
+                    # itself, and retrying would hold every delayed record behind this one
+                    _log.error(
+                        "delayed message for a topic that does not exist; dropped",
+                        destination=target,
+                        topic=rec.topic,
+                        offset=rec.offset,
+                        message_id=_header(rec, "ce_id"),
+                    )
+                    target = ""
             records.append(Record(target, rec.key, rec.value or b"", headers, _header(rec, "ce_id")))
         sendable = [r for r in records if r.topic]
         results = await self._producer.send_many(sendable) if sendable else []

@@ -23,10 +23,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 from aiokafka import TopicPartition
-from aiokafka.errors import KafkaError
 
 __all__ = ["LEDGER", "MAX_METADATA", "Progress", "decode", "encode", "previous_progress"]
+
+_log = structlog.get_logger("meshlink.kafka")
 
 MAX_METADATA = 3_000
 """Longest metadata string written (below Kafka's 4096-byte default limit)."""
@@ -92,7 +94,8 @@ async def previous_progress(
         return out
     try:
         committed = await fetch(set(tps))
-    except KafkaError:
+    except Exception as exc:  # a lookup that fails must not leave the (paused) assignment stuck
+        _log.warning("kafka progress lookup failed; committed offsets alone apply", error=repr(exc))
         return out
     for tp, meta in committed.items():
         text = getattr(meta, "metadata", "") or ""
