@@ -90,6 +90,12 @@ def check_mesh(mesh: Mesh) -> list[HandlerReport]:
             )
             report.problems.extend(check_subscription(spec_for_broker, p.retry.budget))
         timeout = parse_duration(p.timeout, setting="timeout") if p.timeout is not None else None
+        # how long one delivery's round of in-process tries can take, if bounded
+        held = (
+            None
+            if timeout is None
+            else p.retry.attempts * timeout + (p.retry.attempts - 1) * p.retry.max_backoff_s
+        )
         if deadline is not None:
             limit, setting = deadline
             if timeout is None:
@@ -97,31 +103,27 @@ def check_mesh(mesh: Mesh) -> list[HandlerReport]:
                     f"no timeout: a handler stuck past {setting}={limit:g}s "
                     "loses its message to another consumer"
                 )
-            else:
-                window = p.retry.attempts * timeout + (p.retry.attempts - 1) * p.retry.max_backoff_s
-                if window >= limit:
-                    report.problems.append(
-                        f"one round of {p.retry.attempts} tries can hold a message {window:g}s, "
-                        f"beyond the broker's {setting}={limit:g}s: lower the timeout or the tries"
-                    )
+            elif held is not None and held >= limit:
+                report.problems.append(
+                    f"one round of {p.retry.attempts} tries can hold a message {held:g}s, "
+                    f"beyond the broker's {setting}={limit:g}s: lower the timeout or the tries"
+                )
         idem = p.idempotency
         if idem is not None:
             # the claim on a key is held for a delivery's whole round of tries (the
             # idempotency stage is outermost): a lease shorter than that lets a duplicate run
             lease = parse_duration(idem.lease, setting="idempotency.lease")
-            if timeout is None:
+            if held is None:
                 report.warnings.append(
                     f"no timeout: a handler running past idempotency.lease={lease:g}s "
                     "lets a duplicate of its message run beside it"
                 )
-            else:
-                held = p.retry.attempts * timeout + (p.retry.attempts - 1) * p.retry.max_backoff_s
-                if held >= lease:
-                    report.problems.append(
-                        f"one round of {p.retry.attempts} tries can hold a key {held:g}s, beyond "
-                        f"idempotency.lease={lease:g}s: a duplicate could run beside it; "
-                        "raise the lease or lower the timeout or the tries"
-                    )
+            elif held >= lease:
+                report.problems.append(
+                    f"one round of {p.retry.attempts} tries can hold a key {held:g}s, beyond "
+                    f"idempotency.lease={lease:g}s: a duplicate could run beside it; "
+                    "raise the lease or lower the timeout or the tries"
+                )
             ttl = parse_duration(idem.ttl, setting="idempotency.ttl")
             span = sum(p.retry.delays)
             if span >= ttl:
