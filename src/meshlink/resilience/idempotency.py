@@ -208,7 +208,13 @@ class IdempotencyMiddleware:
         async def once(ctx: Context) -> None:
             key = self.key_of(ctx)
             token = uuid.uuid4().hex
-            claim = await self.store.claim(key, token=token, lease=self._lease)
+            try:
+                claim = await self.store.claim(key, token=token, lease=self._lease)
+            except BaseException:
+                # cancelled (or failed) after the claim may have landed: never leave it held
+                # for the lease (release only removes a claim under this token)
+                await self.store.release(key, token=token)
+                raise
             if claim is Claim.DONE:
                 ctx.emit(DuplicateSkipped(handler=ctx.handler, message=ctx.message, key=key))
                 return

@@ -94,9 +94,17 @@ def is_connection_error(exc: BaseException) -> bool:
         state = _sqlstate(exc.orig)
         if state.startswith(_RETRY_SQLSTATES):
             return True
-        # SQLite reports a busy database as OperationalError("database is locked")
-        return isinstance(exc, sa_exc.OperationalError) and "locked" in str(exc.orig)
+        # SQLite reports a busy database as OperationalError("database is locked"): told by its
+        # result code (SQLITE_BUSY / SQLITE_LOCKED), not by a word any message may contain
+        return isinstance(exc, sa_exc.OperationalError) and _sqlite_busy(exc.orig)
     return isinstance(exc, ConnectionError | sa_exc.DisconnectionError)
+
+
+def _sqlite_busy(error: object) -> bool:
+    code = getattr(error, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF in (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (primary codes)
+    return str(error).startswith(("database is locked", "database table is locked"))
 
 
 async def with_retry(op: Callable[[], Awaitable[T]], *, attempts: int = 5) -> T:

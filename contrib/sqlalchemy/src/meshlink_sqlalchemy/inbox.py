@@ -55,11 +55,28 @@ class SqlInbox:
         lite = sqlite.insert(t).values(values)
         return lite.on_conflict_do_update(index_elements=[t.c.key], set_=values, where=t.c.expires_at < now)
 
-    async def record(self, session: Any, key: str, *, ttl: float, now: float | None = None) -> bool:
-        """Record ``key`` as done inside ``session``'s transaction; ``False`` if done or held already."""
+    async def record(
+        self, session: Any, key: str, *, ttl: float, now: float | None = None, token: str = ""
+    ) -> bool:
+        """Record ``key`` as done inside ``session``'s transaction; ``False`` if done or held already.
+
+        ``token`` marks the row as this try's, so that :meth:`recorded` can tell, after a
+        COMMIT whose answer was lost, whether it landed.
+        """
         at = self.clock.time() if now is None else now
-        result = await session.execute(self._upsert(key, DONE, "", at + ttl, at))
+        result = await session.execute(self._upsert(key, DONE, token, at + ttl, at))
         return bool(result.rowcount)
+
+    async def recorded(self, key: str, token: str) -> bool:
+        """Whether the try that used ``token`` committed ``key`` (read on a fresh connection)."""
+        t = self._t
+
+        async def run() -> bool:
+            async with self.engine.connect() as conn:
+                row = (await conn.execute(select(t.c.state, t.c.token).where(t.c.key == key))).first()
+            return row is not None and row.state == DONE and row.token == token
+
+        return await with_retry(run)
 
     # -- IdempotencyStore ----------------------------------------------------------------
 

@@ -26,21 +26,35 @@ inbox here replaces it.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import event, literal, select
+from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from meshlink.context import Context
+from meshlink.errors import ConfigurationError
 from meshlink.events import DuplicateSkipped
 from meshlink.outbox.writer import Outbox
 from meshlink.pipeline import Handler
 from meshlink.resilience.policy import parse_duration
+from meshlink_sqlalchemy.engine import is_connection_error
 
 if TYPE_CHECKING:
     from meshlink_sqlalchemy.stores import SqlStores
 
 __all__ = ["UnitOfWork"]
+
+#: Set on a pooled connection's ``info`` when a statement on it raised (see _mark_error).
+_ERRORED = "meshlink.statement_failed"
+_PROBE = select(literal(1))
+
+
+def _mark_error(context: ExceptionContext) -> None:
+    if context.connection is not None:
+        context.connection.info[_ERRORED] = True
 
 
 class UnitOfWork:
@@ -64,7 +78,16 @@ class UnitOfWork:
         self.stores = stores
         self.outbox = Outbox(stores.outbox, source=source)
         self.ttl = parse_duration(ttl, setting="unit_of_work.ttl")
+        if self.ttl <= 0:
+            raise ConfigurationError("unit_of_work.ttl", f"must be > 0, got {ttl!r}")
         self.key = key
+        # A statement that failed inside the transaction (and that the handler caught) leaves a
+        # PostgreSQL transaction aborted, and its COMMIT then rolls back without an error: the
+        # message would be acked with nothing written. Errors are noted on the connection, and
+        # such a transaction is probed before it commits.
+        self._postgres = stores.engine.dialect.name == "postgresql"
+        if self._postgres and not event.contains(stores.engine.sync_engine, "handle_error", _mark_error):
+            event.listen(stores.engine.sync_engine, "handle_error", _mark_error)
 
     def key_of(self, ctx: Context) -> str:
         """The inbox key of the message in ``ctx`` (per handler, like the idempotency middleware)."""
@@ -78,16 +101,30 @@ class UnitOfWork:
 
         async def in_transaction(ctx: Context) -> None:
             key = self.key_of(ctx)
+            token = uuid.uuid4().hex
             outbox = Outbox(self.stores.outbox, source=self.outbox.source, clock=ctx.clock)
-            async with AsyncSession(engine, expire_on_commit=False) as session, session.begin():
-                if not await inbox.record(session, key, ttl=self.ttl, now=ctx.clock.time()):
-                    ctx.emit(DuplicateSkipped(handler=ctx.handler, message=ctx.message, key=key))
+            committing = False
+            try:
+                async with AsyncSession(engine, expire_on_commit=False) as session, session.begin():
+                    if self._postgres:
+                        (await session.connection()).info.pop(_ERRORED, None)
+                    if not await inbox.record(session, key, ttl=self.ttl, now=ctx.clock.time(), token=token):
+                        ctx.emit(DuplicateSkipped(handler=ctx.handler, message=ctx.message, key=key))
+                        return
+                    ctx.session, ctx.publisher = session, outbox.publisher(session)
+                    try:
+                        await next_(ctx)
+                    finally:
+                        ctx.session, ctx.publisher = None, None
+                    if self._postgres and (await session.connection()).info.get(_ERRORED):
+                        await session.execute(_PROBE)  # raises if the transaction is aborted
+                    committing = True
+            except Exception as exc:
+                # the COMMIT reached the database and only its answer was lost: this try's row
+                # in the inbox says so (a retry would skip it; the last try must not fail)
+                if committing and is_connection_error(exc) and await inbox.recorded(key, token):
                     return
-                ctx.session, ctx.publisher = session, outbox.publisher(session)
-                try:
-                    await next_(ctx)
-                finally:
-                    ctx.session, ctx.publisher = None, None
+                raise
 
         return in_transaction
 
