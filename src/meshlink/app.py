@@ -96,6 +96,9 @@ class Mesh(Publisher):
         self._stop_requested: asyncio.Event | None = None
         self._on_start: list[Hook] = []
         self._on_stop: list[Hook] = []
+        # start() and stop() one at a time: a stop() during a slow connect was lost (the mesh
+        # then ran after stop() returned), and two starts made every dispatcher twice
+        self._lifecycle = asyncio.Lock()
 
     # -- registration ----------------------------------------------------------------
 
@@ -218,7 +221,7 @@ class Mesh(Publisher):
 
     def emit(self, event: Event) -> None:
         """Send ``event`` to every listener; a failing listener is logged and skipped."""
-        for listener in self._listeners:
+        for listener in tuple(self._listeners):  # a listener may remove itself meanwhile
             try:
                 listener(event)
             except Exception:
@@ -228,6 +231,10 @@ class Mesh(Publisher):
 
     async def start(self) -> None:
         """Connect (failing fast if the broker is unreachable) and start every handler."""
+        async with self._lifecycle:
+            await self._start()
+
+    async def _start(self) -> None:
         if self._started:
             return
         await self.transport.connect()
@@ -248,11 +255,11 @@ class Mesh(Publisher):
                 await dispatcher.start()
             for breaker in self.breakers.values():
                 await breaker.start()
+            for hook in self._on_start:
+                await hook()
         except BaseException:
-            await self.stop()
+            await self._stop()
             raise
-        for hook in self._on_start:
-            await hook()
         _log.info(
             "mesh started",
             service=self.service,
@@ -266,22 +273,29 @@ class Mesh(Publisher):
         Handlers still running at the deadline are cancelled and their messages go
         back to the broker; everything that finished was acked. Nothing is lost.
         """
+        async with self._lifecycle:
+            await self._stop(drain_timeout)
+
+    async def _stop(self, drain_timeout: float | None = None) -> None:
         if not self._started:
             return
         self._started = False
         timeout = self.drain_timeout if drain_timeout is None else drain_timeout
-        for breaker in self.breakers.values():
-            await breaker.stop()
-        self.breakers.clear()
-        for d in self.dispatchers:
-            await d.stop_fetching()
-        self.emit(MeshDraining(service=self.service, in_flight=self.in_flight, deadline=timeout))
-        deadline = asyncio.get_running_loop().time() + timeout
         cancelled = 0
-        for d in self.dispatchers:
-            cancelled += await d.drain(deadline)
-        await self.transport.close()
-        self.dispatchers.clear()
+        try:
+            for breaker in self.breakers.values():
+                await breaker.stop()
+            self.breakers.clear()
+            for d in self.dispatchers:
+                await d.stop_fetching()
+            self.emit(MeshDraining(service=self.service, in_flight=self.in_flight, deadline=timeout))
+            deadline = asyncio.get_running_loop().time() + timeout
+            for d in self.dispatchers:
+                cancelled += await d.drain(deadline)
+            await self.transport.close()
+        finally:  # a transport that fails to close must not leave stale dispatchers for a restart
+            self.dispatchers.clear()
+            self.breakers.clear()
         _log.info("mesh stopped", service=self.service, cancelled_in_flight=cancelled)
         for hook in self._on_stop:
             await hook()

@@ -159,7 +159,10 @@ class AlreadySettledError(DeliveryError):
 
 
 class MessageError(MeshlinkError):
-    """A message could not be encoded or decoded."""
+    """A message could not be encoded or decoded, or lacks what its handling needs (e.g. a
+    reply-to header): retrying the same message cannot help."""
+
+    retryable = False
 
 
 class EncodeError(MessageError):

@@ -62,7 +62,12 @@ class HandlerSpec:
         """
         limit = self.policies.max_body_bytes
         raw = self.payload_type is Message or self.payload_type is bytes
-        decode = None if raw else Decoder(self.payload_type)
+        try:
+            decode = None if raw else Decoder(self.payload_type)
+        except Exception as exc:  # e.g. a type pydantic has no schema for
+            raise ConfigurationError(
+                "handler", f"{self.name}: cannot decode a body into {self.payload_type!r}: {exc}"
+            ) from exc
 
         def decode_message(message: Message) -> Any:
             if len(message.body) > limit:

@@ -258,6 +258,8 @@ class Message:
         extensions: dict[str, str] | None = None
         envelope = _ENVELOPE.get
         for name, value in pairs:
+            if value is None:  # a null header (Kafka allows them): as if it were not there
+                continue
             if value.__class__ is not str:
                 value = value.decode("utf-8", "replace") if value.__class__ is bytes else _as_text(value)
             number = envelope(name)
@@ -287,7 +289,7 @@ class Message:
             source or "",
             time,
             key,
-            content_type or "application/json",
+            content_type if content_type is not None else "application/json",
             correlation,
             causation,
             idem or msg_id,
