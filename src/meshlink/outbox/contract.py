@@ -157,6 +157,23 @@ async def released_rows_are_claimable_at_once_without_an_attempt(h: StoreHarness
     assert [r.id for r in await h.store.list_pending()] == [rows[0].id]
 
 
+async def a_row_leased_to_another_live_relay_is_never_claimed(h: StoreHarness) -> None:
+    await h.add([entry(1, "x"), entry(2, "x")])
+    n = await h.store.claim("a", limit=1, lease=30, now=NOW)
+    following = await h.store.claim("a", limit=10, lease=30, now=NOW + 5, exclude=[r.id for r in n])
+    assert _bodies(following) == [2]  # leased to a until NOW + 35, in flight there
+    # x1's lease lapsed: b takes it over (a duplicate at worst); x2 is still a's
+    assert _bodies(await h.store.claim("b", limit=10, lease=30, now=NOW + 31)) == [1]
+
+
+async def a_later_row_waiting_for_its_retry_is_not_claimed(h: StoreHarness) -> None:
+    await h.add([entry(1, "x"), entry(2, "x")])
+    rows = await h.store.claim("a", limit=10, lease=30, now=NOW)
+    failure = RowFailure(id=rows[1].id, reason="Refused: no", retry_at=NOW + 100)
+    assert await h.store.record_failure("a", [failure], now=NOW, max_attempts=5) == []
+    assert _bodies(await h.store.claim("a", limit=10, lease=30, now=NOW + 1)) == [1]
+
+
 CHECKS: list[Callable[[StoreHarness], Awaitable[None]]] = [
     rolled_back_rows_are_never_claimed,
     claim_is_in_id_order_and_leased_to_one_relay,
@@ -169,5 +186,7 @@ CHECKS: list[Callable[[StoreHarness], Awaitable[None]]] = [
     a_permanent_failure_is_moved_aside_at_once,
     sent_rows_leave_lag_and_are_purged_after_retention,
     released_rows_are_claimable_at_once_without_an_attempt,
+    a_row_leased_to_another_live_relay_is_never_claimed,
+    a_later_row_waiting_for_its_retry_is_not_claimed,
 ]
 """Every check of the contract."""

@@ -138,19 +138,24 @@ class MemoryOutboxStore:
             free = r.lease_until is None or r.lease_until < now or r.claimed_by == relay
             return free and (r.retry_at is None or r.retry_at <= now)
 
-        unsent = self._unsent()  # in id order: dicts keep insertion order
-        heads: dict[str, _Row] = {}
-        for r in unsent:
-            if r.row.key is not None:
-                heads.setdefault(r.row.key, r)
-        held = {k for k, head in heads.items() if claimable(head)}
+        # one pass in id order (dicts keep insertion order), as the SQL statement does: a row
+        # is taken when it is free itself and no earlier unsent row of its key is not (leased
+        # to another live relay, or waiting for its retry); rows in flight here are skipped
         skip = set(exclude)
-        picked = [
-            r
-            for r in unsent
-            if r.row.id not in skip
-            and ((r.row.key is None and claimable(r)) or (r.row.key is not None and r.row.key in held))
-        ][:limit]
+        blocked: set[str] = set()
+        picked: list[_Row] = []
+        for r in self._unsent():
+            key = r.row.key
+            if key is not None and key in blocked:
+                continue
+            if not claimable(r):
+                if key is not None:
+                    blocked.add(key)
+                continue
+            if r.row.id not in skip:
+                picked.append(r)
+                if len(picked) == limit:
+                    break
         for r in picked:
             r.claimed_by, r.lease_until = relay, now + lease
         return [r.row for r in picked]

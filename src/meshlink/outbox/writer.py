@@ -20,9 +20,10 @@ from typing import Any
 from meshlink.clock import Clock, SystemClock
 from meshlink.codec import envelope
 from meshlink.context import Publisher
-from meshlink.errors import ConfigurationError
+from meshlink.errors import ConfigurationError, EncodeError
 from meshlink.message import Message
 from meshlink.outbox.store import OutboxEntry, OutboxStore
+from meshlink.resilience.defaults import DEFAULTS
 from meshlink.resilience.policy import parse_duration
 
 __all__ = ["Outbox"]
@@ -35,12 +36,24 @@ class Outbox:
         store: the outbox store (``meshlink_sqlalchemy`` for SQL, or the memory store).
         source: the ``ce_source`` of messages built here (the service name).
         clock: time source for ``created_at`` and ``delay``.
+        max_body_bytes: larger bodies are refused (``EncodeError``), as ``Mesh.publish``
+            refuses them: never written, so never failing later at the relay.
     """
 
-    def __init__(self, store: OutboxStore, *, source: str = "meshlink", clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        store: OutboxStore,
+        *,
+        source: str = "meshlink",
+        clock: Clock | None = None,
+        max_body_bytes: int = DEFAULTS.max_body_bytes,
+    ) -> None:
+        if max_body_bytes < 1:
+            raise ConfigurationError("max_body_bytes", f"must be >= 1, got {max_body_bytes}")
         self.store = store
         self.source = source
         self.clock: Clock = clock or SystemClock()
+        self.max_body_bytes = max_body_bytes
 
     def message(
         self,
@@ -107,6 +120,12 @@ class Outbox:
         """Add a ready envelope to the outbox inside ``session``'s transaction."""
         if not destination:
             raise ConfigurationError("destination", "must be a non-empty string")
+        if len(message.body) > self.max_body_bytes:
+            raise EncodeError(
+                f"body of {len(message.body)} bytes is over max_body_bytes ({self.max_body_bytes}); "
+                "nothing was written",
+                message_id=message.id,
+            )
         now = self.clock.time()
         seconds = parse_duration(delay, setting="delay") if delay is not None else None
         entry = OutboxEntry(
