@@ -224,10 +224,13 @@ class KafkaSubscription(Subscription):
         self._member.retire()  # the old client's rebalances no longer touch our state
         poll = self._tasks[0]
         poll.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await poll
+        await asyncio.wait([poll])  # waits for the old loop without swallowing our own cancel
+        if self._closed:
+            return  # closed meanwhile: no new client
         await self._release(list(self._parts.values()))
         self._fetch_paused = self._buffer_paused = False
+        if self._closed:
+            return
         await self._member.replace()
         self._activity += 1
         self._room.set()

@@ -74,7 +74,12 @@ class TopicManager:
             try:
                 count = await self._ensure(topic)
             except BaseException as exc:
-                pending.set_exception(exc)
+                # the creator's own cancel is not the waiters': they get an error of their own
+                shared: BaseException = exc
+                if isinstance(exc, asyncio.CancelledError):
+                    why = "topic creation abandoned: its caller was cancelled"
+                    shared = TransportError(why, destination=topic)
+                pending.set_exception(shared)
                 pending.exception()  # retrieved: waiters (if any) see it through await
                 raise
             finally:

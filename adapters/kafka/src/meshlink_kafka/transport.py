@@ -177,7 +177,9 @@ class KafkaTransport(Transport):
         try:
             if delay is not None or not self._topics.is_known(destination):  # else nothing to await
                 await self._ensure(destination, delay)
-        except KafkaError as exc:
+        except PublishError:
+            raise  # e.g. UnroutableError: already the publish contract's
+        except (KafkaError, TransportError) as exc:
             raise PublishError(
                 f"cannot prepare topic: {exc!r}", destination=destination, message_id=message.id
             ) from exc

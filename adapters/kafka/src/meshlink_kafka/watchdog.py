@@ -69,16 +69,28 @@ class Watched(Protocol):
         ...
 
 
-async def broker_lag(client: Any, positions: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+async def broker_lag(
+    client: Any,
+    positions: dict[TopicPartition, int],
+    *,
+    seen: dict[TopicPartition, int] | None = None,
+) -> dict[TopicPartition, int]:
     """Records the broker holds beyond the client's position, per partition with any.
 
     ``positions`` (the offset after the last record taken) stand in for a client
-    that does not know its position.
+    that does not know its position. With ``seen`` (the end offsets of an earlier
+    look), only records that were already there then count: a record that arrived
+    a moment ago may simply have its fetch in flight. ``seen`` is updated with the
+    end offsets of this look.
     """
     tps = [tp for tp in positions if tp in client.assignment()]
     if not tps:
         return {}
     ends: dict[TopicPartition, int] = await client.end_offsets(tps)
+    earlier = dict(seen) if seen is not None else None
+    if seen is not None:
+        seen.clear()
+        seen.update(ends)
     lag: dict[TopicPartition, int] = {}
     for tp in tps:
         try:
@@ -87,7 +99,7 @@ async def broker_lag(client: Any, positions: dict[TopicPartition, int]) -> dict[
             pos = max(positions[tp], 0)
         except (IllegalStateError, KafkaError):
             continue  # revoked meanwhile
-        end = ends.get(tp, 0)
+        end = ends.get(tp, 0) if earlier is None else min(ends.get(tp, 0), earlier.get(tp, 0))
         if end > pos:
             lag[tp] = end - pos
     return lag
@@ -107,6 +119,8 @@ class StallWatchdog:
         self.interval = interval
         self._ask_timeout = ask_timeout
         self._baseline: int | None = None
+        self._ends: dict[TopicPartition, int] = {}
+        """End offsets at the previous look: a stall is records that were there a whole interval."""
         self._broken = False
         self.checks = 0
         """Looks taken so far."""
@@ -142,22 +156,28 @@ class StallWatchdog:
         target = self._target
         if target.idle_reason() is not None:
             self._baseline = None
+            self._ends.clear()
             return {}
         previous, self._baseline = self._baseline, target.activity
-        if previous != target.activity:
-            return {}  # progress since the previous look (or the first eligible look)
+        # every look records the end offsets (the first eligible one too), so that the next
+        # look can tell records that waited a whole interval from one that just arrived
+        first = previous is None or not self._ends
         try:
             async with asyncio.timeout(self._ask_timeout):
-                lag = await broker_lag(target.client, target.positions())
+                lag = await broker_lag(target.client, target.positions(), seen=self._ends)
         except (TimeoutError, KafkaError) as exc:
             _log.debug("kafka stall check could not ask the broker", group=target.group_id, error=repr(exc))
+            self._ends.clear()
             return {}
+        if first or previous != target.activity:
+            return {}  # progress since the previous look (or the first eligible look)
         if target.idle_reason() is not None or target.activity != previous:
             return {}  # paused, revoked or fetched while asking
         return lag
 
     async def _recreate(self) -> None:
         self._baseline = None
+        self._ends.clear()
         try:
             await self._target.replace_client()
         except asyncio.CancelledError:
