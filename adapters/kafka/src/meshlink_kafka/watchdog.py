@@ -8,10 +8,13 @@ is *stalled* when, since the previous look:
 * it was not idle by choice — not paused or stopped, the poll loop not holding
   because our own buffer is full, partitions assigned and none being revoked;
 * nothing was fetched (no activity: fetch, resume or assignment); and
-* the broker reports lag: a fresh end offset (``end_offsets``) beyond the
-  client's position on an assigned partition. The client's position, not the
-  last offset handed to us: it also moves past transaction markers and
-  compacted-away records, which are never handed out but count in the end offset.
+* the broker held, already at the previous look, records beyond the client's
+  position on an assigned partition: every look records the end offsets
+  (``end_offsets``), so a record that arrived just before a look (its fetch may
+  be in flight) never makes a caught-up member look stalled. The client's
+  position, not the last offset handed to us: it also moves past transaction
+  markers and compacted-away records, which are never handed out but count in
+  the end offset.
 
 A stall is reported with a warning naming the group and the lagging partitions,
 and the subscription recreates its client (see
