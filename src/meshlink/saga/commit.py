@@ -57,33 +57,57 @@ class GroupCommit:
         self._queue.append(pending)
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush(), name="saga group commit")
+            self._flusher.add_done_callback(self._flusher_done)
         return await pending.done
 
+    def _flusher_done(self, task: asyncio.Task[None]) -> None:
+        # a flusher cancelled before its first step never ran its own clean-up: the
+        # transitions it would have saved are cancelled here, or their callers would wait for good
+        if task.cancelled():
+            for p in self._queue:
+                p.done.cancel()
+            self._queue.clear()
+
     async def _flush(self) -> None:
-        await asyncio.sleep(0)  # let the transitions made ready by the same event join this batch
-        while self._queue:
-            batch = self._take()
-            if not batch:
-                continue
-            try:
-                results = await self.store.save_many([(p.instance, p.outgoing) for p in batch])
-            except asyncio.CancelledError:
-                for p in (*batch, *self._queue):
-                    p.done.cancel()  # the coordinator is stopping: nobody knows what was saved
-                self._queue.clear()
-                raise
-            except Exception as exc:
+        batch: list[_Pending] = []
+        try:
+            await asyncio.sleep(0)  # let the transitions made ready by the same event join this batch
+            while self._queue:
+                batch = self._take()
+                if not batch:
+                    continue
+                await self._save(batch)
+                batch = []
+        except asyncio.CancelledError:
+            for p in (*batch, *self._queue):
+                p.done.cancel()  # the coordinator is stopping: nobody knows what was saved
+            self._queue.clear()
+            raise
+
+    async def _save(self, batch: list[_Pending]) -> None:
+        try:
+            results = await self.store.save_many([(p.instance, p.outgoing) for p in batch])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if len(batch) > 1:
+                # one transition the store refuses (a value too long for its column...) must not
+                # fail the others batched with it: nothing of the batch was saved, so each
+                # is saved alone and gets its own outcome
                 for p in batch:
-                    if not p.done.done():
-                        p.done.set_exception(exc)
-                continue
-            for p, result in zip(batch, results, strict=True):
-                if p.done.done():
-                    continue  # its caller was cancelled; the save stands
-                if isinstance(result, StaleSagaError):
-                    p.done.set_exception(result)
-                else:
-                    p.done.set_result(result)
+                    await self._save([p])
+                return
+            for p in batch:
+                if not p.done.done():
+                    p.done.set_exception(exc)
+            return
+        for p, result in zip(batch, results, strict=True):
+            if p.done.done():
+                continue  # its caller was cancelled; the save stands
+            if isinstance(result, StaleSagaError):
+                p.done.set_exception(result)
+            else:
+                p.done.set_result(result)
 
     def _take(self) -> list[_Pending]:
         """Up to ``max_batch`` queued transitions, at most one per saga (the rest stay queued, in order)."""

@@ -24,6 +24,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol, runtime_checkable
 
+import structlog
+
 from meshlink.errors import MeshlinkError
 from meshlink.message import Message
 
@@ -37,6 +39,8 @@ __all__ = [
     "StaleSagaError",
     "Transition",
 ]
+
+_log = structlog.get_logger("meshlink.saga")
 
 
 class SagaStatus(enum.StrEnum):
@@ -155,7 +159,7 @@ class SagaStore(Protocol):
         ...
 
     async def find(self, status: SagaStatus | None = None, limit: int = 100) -> builtins.list[SagaInstance]:
-        """Instances, newest first, optionally of one status."""
+        """Instances, most recently changed first, optionally of one status."""
         ...
 
     async def unfinished(self) -> builtins.list[SagaInstance]:
@@ -203,7 +207,14 @@ class MemorySagaStore:
                 sends.extend(outgoing)
         for destination, message in sends:
             if self.publish is not None:
-                await self.publish(destination, message)
+                try:
+                    await self.publish(destination, message)
+                except Exception as exc:
+                    # every transition is saved: one command that cannot be sent must not fail
+                    # the others (not atomic here; the SQL store writes commands in its outbox)
+                    _log.error(
+                        "saga command could not be published", destination=destination, error=repr(exc)
+                    )
         return results
 
     async def load(self, saga_id: str) -> SagaInstance | None:
@@ -211,7 +222,7 @@ class MemorySagaStore:
 
     async def find(self, status: SagaStatus | None = None, limit: int = 100) -> builtins.list[SagaInstance]:
         found = [i for i in self.instances.values() if status is None or i.status == status]
-        return sorted(found, key=lambda i: i.created_at, reverse=True)[:limit]
+        return sorted(found, key=lambda i: (i.updated_at, i.created_at), reverse=True)[:limit]
 
     async def unfinished(self) -> builtins.list[SagaInstance]:
         return [i for i in self.instances.values() if not i.status.finished]

@@ -12,7 +12,7 @@ without one it runs in its own transaction.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -191,10 +191,15 @@ class SqlSagaStore:
         async with self.engine.connect() as conn:
             return [_state(r) for r in await conn.execute(query)]
 
-    async def due(self, now: float, *, limit: int = 1000) -> list[SagaState]:
-        """Sagas whose ``wake_at`` has come, earliest first (served by an index)."""
+    async def due(
+        self, now: float, *, limit: int = 1000, states: Collection[str] | None = None
+    ) -> list[SagaState]:
+        """Sagas whose ``wake_at`` has come, earliest first (served by an index), optionally
+        only in one of ``states`` (so that others never take up the ``limit``)."""
         t = self.tables.saga
         query = select(t).where(t.c.wake_at <= now).order_by(t.c.wake_at).limit(limit)
+        if states is not None:
+            query = query.where(t.c.state.in_(list(states)))
         async with self.engine.connect() as conn:
             return [_state(r) for r in await conn.execute(query)]
 

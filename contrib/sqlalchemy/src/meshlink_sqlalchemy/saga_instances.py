@@ -201,7 +201,10 @@ class SqlSagaInstanceStore:
         return [_instance(r, r.data) for r in rows]
 
     async def due(self, now: float, limit: int = 1000) -> builtins.list[SagaInstance]:
-        return [_instance(r, r.data) for r in await self.stores.sagas.due(now, limit=limit)]
+        unfinished = (SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value)
+        return [
+            _instance(r, r.data) for r in await self.stores.sagas.due(now, limit=limit, states=unfinished)
+        ]
 
     async def unfinished(self) -> builtins.list[SagaInstance]:
         found: list[SagaInstance] = []
