@@ -109,6 +109,11 @@ class RabbitSettings:
             raise ConfigurationError("host", "must not be empty")
         if not self.delay_prefix:
             raise ConfigurationError("delay_prefix", "must not be empty")
+        # room for ".<ms>" (up to 10 digits) and ".return" within AMQP's 255-byte names
+        if len(self.delay_prefix.encode()) > 255 - 11:
+            raise ConfigurationError("delay_prefix", "must be at most 244 bytes")
+        if self.delay_prefix.startswith("amq."):
+            raise ConfigurationError("delay_prefix", "names starting with 'amq.' are reserved by the broker")
         for name in ("ca_file", "cert_file", "key_file"):
             path = getattr(self, name)
             if path is not None and not os.path.isfile(path):

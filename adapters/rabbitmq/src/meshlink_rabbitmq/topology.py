@@ -80,11 +80,25 @@ class Topology:
 
     def has_exchange(self, destination: str) -> bool:
         """Whether the destination's exchange was declared (fast path for publishing)."""
-        return destination in self._done
+        return f"exchange:topic:{destination}" in self._done
 
     async def exchange(self, destination: str) -> None:
-        """Declare the destination's exchange (idempotent, deduplicated)."""
-        await self._once(destination, lambda: self._declare_exchange(destination, "topic"))
+        """Declare the destination's exchange (idempotent, deduplicated).
+
+        Raises:
+            ConfigurationError: the name is over AMQP's 255 bytes, or is one of the
+                delay exchanges' (a group there would receive every delayed message).
+        """
+        if len(destination.encode()) > 255:
+            raise ConfigurationError("destination", f"{destination[:40]}... is over AMQP's 255-byte limit")
+        s = self._settings
+        if destination in (delay.entry_exchange(s), delay.return_exchange(s)):
+            raise ConfigurationError("destination", f"{destination!r} is reserved for delays (delay_prefix)")
+        await self._exchange(destination, "topic")
+
+    async def _exchange(self, name: str, kind: str) -> None:
+        # keyed by kind and name: never mistaken for another declaration (route:, queue:...)
+        await self._once(f"exchange:{kind}:{name}", lambda: self._declare_exchange(name, kind))
 
     async def group(self, destination: str, group: str, options: SubscriptionOptions) -> str:
         """Declare the destination's exchange and the group's queue bound to it."""
@@ -106,8 +120,8 @@ class Topology:
         s = self._settings
         entry, back = delay.entry_exchange(s), delay.return_exchange(s)
         await self.exchange(destination)
-        await self._once(entry, lambda: self._declare_exchange(entry, "headers"))
-        await self._once(back, lambda: self._declare_exchange(back, "headers"))
+        await self._exchange(entry, "headers")
+        await self._exchange(back, "headers")
         await self._once(f"delay:{ms}", lambda: self._declare_delay_queue(ms))
         await self._once(f"route:{destination}", lambda: self._declare_return_route(destination))
 
