@@ -23,7 +23,7 @@ import pydantic_core
 from meshlink.errors import DecodeError, EncodeError
 from meshlink.message import FAILURE_PREFIX, RESERVED_HEADERS, Message, new_message_id
 
-__all__ = ["BINARY", "JSON", "Decoder", "decoder_for", "encode", "envelope", "type_name"]
+__all__ = ["BINARY", "Decoder", "JSON", "check_size", "decoder_for", "encode", "envelope", "type_name"]
 
 T = TypeVar("T")
 _NO_HEADERS: Mapping[str, str] = MappingProxyType({})
@@ -47,6 +47,21 @@ def encode(payload: object) -> tuple[bytes, str]:
         return pydantic_core.to_json(payload), JSON
     except pydantic_core.PydanticSerializationError as exc:
         raise EncodeError(f"cannot encode {type(payload).__name__} as JSON: {exc}") from exc
+
+
+def check_size(message: Message, limit: int) -> None:
+    """Refuse ``message`` if its body is over ``limit`` bytes (``max_body_bytes``), before any
+    transport or store sees it: brokers' own limits differ (Kafka's client 1 MiB, RabbitMQ
+    closes the channel past its frame limit), this one is the same everywhere.
+
+    Raises:
+        EncodeError: the body is too large (nothing was sent or written).
+    """
+    if len(message.body) > limit:
+        raise EncodeError(
+            f"body of {len(message.body)} bytes is over max_body_bytes ({limit}); nothing was sent",
+            message_id=message.id,
+        )
 
 
 def envelope(

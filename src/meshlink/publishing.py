@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from meshlink.codec import envelope
-from meshlink.errors import EncodeError, PublishBatchError, TransportClosedError
+from meshlink.codec import check_size, envelope
+from meshlink.errors import PublishBatchError, TransportClosedError
 from meshlink.events import Event, Listener, MessagePublished
 from meshlink.message import Message
 from meshlink.resilience.defaults import Policies
@@ -59,14 +59,7 @@ class Publisher:
             correlation_id=correlation_id,
             causation_id=causation_id,
         )
-        limit = self.defaults.max_body_bytes
-        if len(message.body) > limit:
-            # checked before any transport: brokers' own limits differ (Kafka's client 1 MiB,
-            # RabbitMQ closes the channel past its frame limit), this one is the same everywhere
-            raise EncodeError(
-                f"body of {len(message.body)} bytes is over max_body_bytes ({limit}); nothing was sent",
-                message_id=message.id,
-            )
+        check_size(message, self.defaults.max_body_bytes)
         return message
 
     async def publish(

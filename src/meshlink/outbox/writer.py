@@ -18,9 +18,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from meshlink.clock import Clock, SystemClock
-from meshlink.codec import envelope
+from meshlink.codec import check_size, envelope
 from meshlink.context import Publisher
-from meshlink.errors import ConfigurationError, EncodeError
+from meshlink.errors import ConfigurationError
 from meshlink.message import Message
 from meshlink.outbox.store import OutboxEntry, OutboxStore
 from meshlink.resilience.defaults import DEFAULTS
@@ -120,12 +120,7 @@ class Outbox:
         """Add a ready envelope to the outbox inside ``session``'s transaction."""
         if not destination:
             raise ConfigurationError("destination", "must be a non-empty string")
-        if len(message.body) > self.max_body_bytes:
-            raise EncodeError(
-                f"body of {len(message.body)} bytes is over max_body_bytes ({self.max_body_bytes}); "
-                "nothing was written",
-                message_id=message.id,
-            )
+        check_size(message, self.max_body_bytes)
         now = self.clock.time()
         seconds = parse_duration(delay, setting="delay") if delay is not None else None
         entry = OutboxEntry(
