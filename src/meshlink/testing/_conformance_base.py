@@ -151,6 +151,14 @@ class ConformanceBase:
         self._meshes.append(mesh)
         return mesh
 
+    async def dead_letters(self, mesh: Mesh, handler: str) -> Recorder:
+        """Subscribe a recorder to the dead-letter destination of ``handler``."""
+        spec = next(h for h in mesh.handlers if h.name == handler)
+        t = await self.connect()
+        rec = Recorder()
+        await self.sub(t, spec.dead_letter, "dlq", rec)
+        return rec
+
     def poke(self) -> None:
         """Wake :meth:`until` (for progress a test records itself)."""
         self._progress.set()
