@@ -9,10 +9,11 @@ import asyncio
 import contextlib
 from typing import Any
 
+import pytest
 from aiokafka import TopicPartition
 from producer_fakes import _Client, _settle_all, _until
 
-from meshlink.errors import PublishError
+from meshlink.errors import PublishError, TransportError
 from meshlink.message import Message
 from meshlink.transport.base import SubscriptionSpec
 from meshlink_kafka import KafkaSettings, KafkaTransport
@@ -241,3 +242,56 @@ async def test_close_during_a_watchdog_recreation_is_bounded_and_joins_no_new_cl
             f"close() hung; new client started after close: {member.replaced_after_close}"
         ) from None
     assert True not in member.replaced_after_close, "a new client joined the group after close()"
+
+
+# -- declare: a seeding client that does not stop in time ---------------------------------------
+
+
+async def test_declare_with_a_seeding_client_that_does_not_stop_in_time_still_seeds_the_group(
+    kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The short-lived client that seeds a new group is stopped within ``close_timeout``; a stop
+    that takes longer was a raw ``TimeoutError`` out of ``declare()`` (which promises
+    ``TransportError``), although the group had been seeded."""
+    from aiokafka import AIOKafkaConsumer
+    from kafka_helpers import transport, unique
+
+    import meshlink_kafka.topics as topics_mod
+
+    stop_started = asyncio.Event()
+
+    class SlowToStop(AIOKafkaConsumer):  # type: ignore[misc]
+        async def stop(self) -> None:
+            stop_started.set()
+            await asyncio.Event().wait()  # never: wait_for gives up after close_timeout
+
+    monkeypatch.setattr(topics_mod, "AIOKafkaConsumer", SlowToStop)
+    t = transport(kafka_bootstrap, close_timeout=0.2)
+    await t.connect()
+    try:
+        topic = unique("seed-stop")
+        await t.declare(topic, "billing")  # raised TimeoutError before
+        assert stop_started.is_set()
+        assert (topic, t.settings.group_id(topic, "billing")) in t._topics._seeded
+    finally:
+        monkeypatch.undo()
+        await t.close()
+
+
+async def test_declare_turns_a_timeout_into_a_transport_error(
+    kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kafka_helpers import transport, unique
+
+    t = transport(kafka_bootstrap)
+    await t.connect()
+    try:
+
+        async def times_out(topic: str) -> int:
+            raise TimeoutError
+
+        monkeypatch.setattr(t._topics, "ensure", times_out)
+        with pytest.raises(TransportError, match="cannot declare"):
+            await t.declare(unique("declare-timeout"))
+    finally:
+        await t.close()
