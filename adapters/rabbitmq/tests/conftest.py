@@ -10,13 +10,18 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
 
 from meshlink_rabbitmq import RabbitTransport
+
+# the tests import their shared helpers (rabbit_helpers) by name, as the Kafka adapter's do
+sys.path.insert(0, str(Path(__file__).parent))
 
 RABBIT_URL = os.environ.get("MESHLINK_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 

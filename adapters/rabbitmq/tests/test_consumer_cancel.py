@@ -9,41 +9,18 @@ timeouts are hang guards only.
 from __future__ import annotations
 
 import asyncio
-import inspect
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
 import pytest
+from rabbit_helpers import GUARD, Collect, Operator, name, until
 
 from meshlink.message import Message
-from meshlink.transport.base import Delivery, SubscriptionSpec
+from meshlink.transport.base import SubscriptionSpec
 from meshlink_rabbitmq import ConsumerRecovery, RabbitSubscription, RabbitTransport
 
 pytestmark = pytest.mark.rabbitmq
-GUARD = 30.0
-
-
-class Collect:
-    """Records deliveries; holds the first ``hold`` of them unsettled; lets a test await a count."""
-
-    def __init__(self, *, hold: int = 0) -> None:
-        self.hold = hold
-        self.got: list[Delivery] = []
-        self._changed = asyncio.Event()
-
-    async def __call__(self, d: Delivery) -> None:
-        self.got.append(d)
-        self._changed.set()
-        if len(self.got) > self.hold:
-            await d.ack()
-
-    async def wait(self, n: int) -> None:
-        async with asyncio.timeout(GUARD):
-            while len(self.got) < n:
-                self._changed.clear()
-                await self._changed.wait()
 
 
 class Gate:
@@ -63,49 +40,6 @@ class Gate:
         self._open.set()
 
 
-async def until(predicate: Callable[[], Any], timeout: float = GUARD) -> None:
-    """Await a condition flipped by aio-pika's callbacks or on the broker (no awaitable exists).
-
-    ``predicate`` may return a bool or an awaitable of one; the timeout is a hang guard only.
-    """
-    async with asyncio.timeout(timeout):
-        while True:
-            result = predicate()
-            if inspect.isawaitable(result):
-                result = await result
-            if result:
-                return
-            await asyncio.sleep(0.01)
-
-
-class Operator:
-    """A second connection that does what an operator would, and looks at the broker."""
-
-    def __init__(self, connection: aio_pika.abc.AbstractConnection) -> None:
-        self.connection = connection
-
-    async def delete_queue(self, name: str) -> None:
-        async with self.connection.channel() as ch:
-            await ch.queue_delete(name)
-
-    async def delete_exchange(self, name: str) -> None:
-        async with self.connection.channel() as ch:
-            await ch.exchange_delete(name)
-
-    async def queue_state(self, name: str) -> tuple[int, int] | None:
-        """(messages ready, consumers) of a queue, or ``None`` when it does not exist."""
-        ch = await self.connection.channel()
-        try:
-            q = await ch.declare_queue(name, passive=True)
-        except aio_pika.exceptions.ChannelNotFoundEntity:
-            return None
-        finally:
-            if not ch.is_closed:
-                await ch.close()
-        result = q.declaration_result
-        return result.message_count or 0, result.consumer_count or 0
-
-
 @pytest.fixture
 async def operator(rabbit_url: str) -> AsyncIterator[Operator]:
     conn = await aio_pika.connect(rabbit_url)
@@ -113,10 +47,6 @@ async def operator(rabbit_url: str) -> AsyncIterator[Operator]:
         yield Operator(conn)
     finally:
         await conn.close()
-
-
-def name(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 async def recovery_parked(t: RabbitTransport, operator: Operator, dest: str, gate: Gate) -> None:

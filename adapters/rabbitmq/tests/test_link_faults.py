@@ -9,14 +9,13 @@ seen on the broker); timeouts are hang guards only.
 from __future__ import annotations
 
 import asyncio
-import inspect
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
+from rabbit_helpers import GUARD, Collect, Operator, name, until
 
 from meshlink.message import Message
 from meshlink.testing.proxy import ProxyMode, TCPProxy
@@ -24,73 +23,13 @@ from meshlink.transport.base import Delivery, SubscriptionSpec
 from meshlink_rabbitmq import RabbitSubscription, RabbitTransport
 
 pytestmark = pytest.mark.rabbitmq
-GUARD = 30.0
-
-
-def name(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-async def until(predicate: Callable[[], Any], timeout: float = GUARD) -> None:
-    """Await a condition flipped inside aio-pika or on the broker; the timeout is a hang guard."""
-    async with asyncio.timeout(timeout):
-        while True:
-            result = predicate()
-            if inspect.isawaitable(result):
-                result = await result
-            if result:
-                return
-            await asyncio.sleep(0.01)
-
-
-class Collect:
-    def __init__(self, *, ack: bool = True) -> None:
-        self.ack = ack
-        self.got: list[Delivery] = []
-        self._changed = asyncio.Event()
-
-    async def __call__(self, d: Delivery) -> None:
-        self.got.append(d)
-        self._changed.set()
-        if self.ack:
-            await d.ack()
-
-    async def wait(self, n: int) -> None:
-        async with asyncio.timeout(GUARD):
-            while len(self.got) < n:
-                self._changed.clear()
-                await self._changed.wait()
-
-
-class Broker:
-    """A direct second connection that looks at the broker (and does what an operator would)."""
-
-    def __init__(self, connection: aio_pika.abc.AbstractConnection) -> None:
-        self.connection = connection
-
-    async def queue_state(self, queue: str) -> tuple[int, int] | None:
-        """(messages ready, consumers) of a queue, or ``None`` when it does not exist."""
-        ch = await self.connection.channel()
-        try:
-            q = await ch.declare_queue(queue, passive=True)
-        except aio_pika.exceptions.ChannelNotFoundEntity:
-            return None
-        finally:
-            if not ch.is_closed:
-                await ch.close()
-        r = q.declaration_result
-        return r.message_count or 0, r.consumer_count or 0
-
-    async def delete_queue(self, queue: str) -> None:
-        async with self.connection.channel() as ch:
-            await ch.queue_delete(queue)
 
 
 @pytest.fixture
-async def broker(rabbit_url: str) -> AsyncIterator[Broker]:
+async def broker(rabbit_url: str) -> AsyncIterator[Operator]:
     conn = await aio_pika.connect(rabbit_url)
     try:
-        yield Broker(conn)
+        yield Operator(conn)
     finally:
         await conn.close()
 
@@ -125,7 +64,7 @@ async def link_up(proxy: TCPProxy, t: RabbitTransport) -> None:
 
 
 async def test_pause_during_a_link_loss_leaves_no_consumer_after_the_reconnect(
-    proxy: TCPProxy, cleanup: Any, broker: Broker
+    proxy: TCPProxy, cleanup: Any, broker: Operator
 ) -> None:
     """pause() skips ``queue.cancel`` when the channel is closed, so the tag stays in
     aio-pika's RobustQueue._consumers and is consumed again on reconnect: a zombie
@@ -148,7 +87,7 @@ async def test_pause_during_a_link_loss_leaves_no_consumer_after_the_reconnect(
 
 
 async def test_a_message_sent_while_paused_across_a_link_loss_arrives_once_not_redelivered(
-    proxy: TCPProxy, cleanup: Any, broker: Broker
+    proxy: TCPProxy, cleanup: Any, broker: Operator
 ) -> None:
     """The zombie consumer left by a pause during the outage bounces what is published
     while paused (nack + requeue, over and over): after resume the message arrives
@@ -181,7 +120,7 @@ async def test_a_message_sent_while_paused_across_a_link_loss_arrives_once_not_r
 
 
 async def test_quorum_message_published_while_paused_across_a_link_loss_is_not_lost(
-    proxy: TCPProxy, cleanup: Any, broker: Broker
+    proxy: TCPProxy, cleanup: Any, broker: Operator
 ) -> None:
     """The same zombie on a quorum queue with a delivery limit: it nacks the message
     until the broker drops it (x-delivery-limit), so a message published while the
@@ -219,7 +158,7 @@ async def test_quorum_message_published_while_paused_across_a_link_loss_is_not_l
 
 
 async def test_stop_during_a_link_loss_leaves_no_consumer_after_the_reconnect(
-    proxy: TCPProxy, cleanup: Any, broker: Broker
+    proxy: TCPProxy, cleanup: Any, broker: Operator
 ) -> None:
     """stop() skips both ``queue.cancel`` and ``channel.close`` when the channel is closed
     (and marks itself closed), so aio-pika reopens the channel and re-consumes: a
@@ -244,7 +183,7 @@ async def test_stop_during_a_link_loss_leaves_no_consumer_after_the_reconnect(
 
 
 async def test_resume_after_the_queue_was_deleted_while_paused_consumes_again(
-    cleanup: Any, broker: Broker
+    cleanup: Any, broker: Operator
 ) -> None:
     """No consumer, so no ``basic.cancel`` and no recovery while paused. resume() sets
     ``_paused = False`` and then consume fails (NOT_FOUND): it raises a raw aio-pika
@@ -337,7 +276,7 @@ async def test_a_delayed_message_behind_a_slow_confirm_is_not_deliverable_before
 
 
 async def test_resume_during_a_link_loss_consumes_once_the_link_is_back(
-    proxy: TCPProxy, cleanup: Any, broker: Broker
+    proxy: TCPProxy, cleanup: Any, broker: Operator
 ) -> None:
     """A breaker's half-open resume() may well come while the link is down."""
     direct = cleanup.transport()

@@ -2,40 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-import uuid
 from typing import Any
 
 import pytest
+from rabbit_helpers import Collect, name
 
 from meshlink.errors import ConfigurationError
 from meshlink.message import Message
-from meshlink.transport.base import Delivery, SubscriptionSpec
+from meshlink.transport.base import SubscriptionSpec
 from meshlink_rabbitmq import RabbitSettings
 
 pytestmark = pytest.mark.rabbitmq
-GUARD = 20.0
-
-
-def name(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-class Collect:
-    def __init__(self) -> None:
-        self.got: list[bytes] = []
-        self._changed = asyncio.Event()
-
-    async def __call__(self, d: Delivery) -> None:
-        self.got.append(d.message.body)
-        self._changed.set()
-        await d.ack()
-
-    async def wait_for(self, body: bytes) -> None:
-        async with asyncio.timeout(GUARD):
-            while body not in self.got:
-                self._changed.clear()
-                await self._changed.wait()
 
 
 async def test_a_destination_named_like_an_internal_declaration_key_is_declared(cleanup: Any) -> None:
@@ -74,7 +51,7 @@ async def test_a_group_on_a_destination_named_like_the_delay_prefix_gets_no_dela
     await legit.wait_for(b"secret")
     await t.publish(prefix, Message(body=b"sentinel"))
     await spy.wait_for(b"sentinel")
-    assert spy.got == [b"sentinel"], f"group of destination {prefix!r} received {spy.got}"
+    assert spy.bodies == [b"sentinel"], f"group of destination {prefix!r} received {spy.bodies}"
 
 
 @pytest.mark.parametrize("prefix", ["p" * 250, "amq.meshlink"])

@@ -7,40 +7,15 @@ import uuid
 from typing import Any
 
 import pytest
+from rabbit_helpers import Collect, name
 
 from meshlink.errors import ConfigurationError, UnroutableError
 from meshlink.message import Message
-from meshlink.transport.base import Delivery, Explainable, Outgoing, SubscriptionSpec
+from meshlink.transport.base import Explainable, Outgoing, SubscriptionSpec
 from meshlink_rabbitmq import MessageTooLargeError, RabbitSettings
 from meshlink_rabbitmq.delay import delay_ms
 
 pytestmark = pytest.mark.rabbitmq
-GUARD = 30.0
-
-
-def name(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-class Collect:
-    """Records deliveries; optionally holds them unsettled; lets a test await a count."""
-
-    def __init__(self, *, ack: bool = True) -> None:
-        self.ack = ack
-        self.got: list[Delivery] = []
-        self._changed = asyncio.Event()
-
-    async def __call__(self, d: Delivery) -> None:
-        self.got.append(d)
-        self._changed.set()
-        if self.ack:
-            await d.ack()
-
-    async def wait(self, n: int) -> None:
-        async with asyncio.timeout(GUARD):
-            while len(self.got) < n:
-                self._changed.clear()
-                await self._changed.wait()
 
 
 def test_delay_is_rounded_up_never_down() -> None:
