@@ -10,8 +10,6 @@ nothing): the store configures its client to, and these tests use the store's ow
 
 from __future__ import annotations
 
-import os
-import socket
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,23 +23,7 @@ from meshlink.context import Context
 from meshlink.resilience import Claim, RedisIdempotencyStore
 from meshlink.testing import MeshHarness
 
-REDIS_URL = os.environ.get("MESHLINK_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-def _redis_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
-@pytest.fixture(autouse=True)
-def _need_redis() -> None:
-    if not _redis_up():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("Redis is not reachable at 127.0.0.1:6379")
-        pytest.skip("Redis is not reachable at 127.0.0.1:6379")
+pytestmark = pytest.mark.usefixtures("redis_url")
 
 
 class LostSetReply:
@@ -81,9 +63,9 @@ def fault() -> LostSetReply:
 
 
 @pytest.fixture
-async def store(fault: LostSetReply) -> AsyncIterator[RedisIdempotencyStore]:
+async def store(fault: LostSetReply, redis_url: str) -> AsyncIterator[RedisIdempotencyStore]:
     """The store as built, whose connections lose one ``SET`` reply when ``fault`` is armed."""
-    s = RedisIdempotencyStore(REDIS_URL, prefix=f"meshlink-test:{uuid.uuid4().hex}:")
+    s = RedisIdempotencyStore(redis_url, prefix=f"meshlink-test:{uuid.uuid4().hex}:")
     s._redis.connection_pool.connection_class = fault.connection_class()  # before any connection
     yield s
     await s.close()

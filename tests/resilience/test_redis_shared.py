@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import uuid
 from collections.abc import AsyncIterator
 
@@ -15,28 +13,12 @@ from meshlink.errors import CircuitOpenError
 from meshlink.events import BreakerStateChanged, Event, MessageHandled
 from meshlink.resilience import Breaker, CircuitBreaker, Claim, RedisIdempotencyStore, Retry
 
-REDIS_URL = os.environ.get("MESHLINK_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-def _redis_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
-@pytest.fixture(autouse=True)
-def _need_redis() -> None:
-    if not _redis_up():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("Redis is not reachable at 127.0.0.1:6379")
-        pytest.skip("Redis is not reachable at 127.0.0.1:6379")
+pytestmark = pytest.mark.usefixtures("redis_url")
 
 
 @pytest.fixture
-async def store() -> AsyncIterator[RedisIdempotencyStore]:
-    s = RedisIdempotencyStore(REDIS_URL, prefix=f"meshlink-test:{uuid.uuid4().hex}:")
+async def store(redis_url: str) -> AsyncIterator[RedisIdempotencyStore]:
+    s = RedisIdempotencyStore(redis_url, prefix=f"meshlink-test:{uuid.uuid4().hex}:")
     yield s
     await s.close()
 
@@ -61,9 +43,9 @@ async def test_concurrent_claims_of_one_key_admit_exactly_one(store: RedisIdempo
     assert results.count(Claim.CLAIMED) == 1
 
 
-async def test_breaker_opened_by_one_replica_is_seen_by_another() -> None:
+async def test_breaker_opened_by_one_replica_is_seen_by_another(redis_url: str) -> None:
     name = f"dep-{uuid.uuid4().hex[:8]}"
-    config = Breaker(failures=2, reset="30s", name=name, redis_url=REDIS_URL, watch_interval=0.05)
+    config = Breaker(failures=2, reset="30s", name=name, redis_url=redis_url, watch_interval=0.05)
     clock = FakeClock()
     seen: list[Event] = []
     a = CircuitBreaker(config, name=name, clock=clock)
