@@ -13,6 +13,7 @@ Example:
 
 from meshlink._version import __version__
 from meshlink.app import Mesh
+from meshlink.batch import Batch, BatchContext
 from meshlink.clock import Clock, FakeClock, SystemClock
 from meshlink.context import Context
 from meshlink.dlq import DeadLetterQueue
@@ -73,6 +74,8 @@ from meshlink.transport import (
 
 __all__ = [
     "AlreadySettledError",
+    "Batch",
+    "BatchContext",
     "Breaker",
     "BreakerStateChanged",
     "Bulkhead",

@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 
 import structlog
 
+from meshlink.batch import Batch
+from meshlink.batch_dispatch import BatchDispatcher
 from meshlink.clock import Clock, SystemClock
 from meshlink.dispatch import Dispatcher
 from meshlink.errors import ConfigurationError
@@ -118,6 +120,7 @@ class Mesh(Publisher):
         dead_letter: str | None = None,
         middleware: Sequence[Middleware] = (),
         options: Mapping[str, Any] | None = None,
+        batch: Batch | None = None,
     ) -> Callable[[F], F]:
         """Register an async handler for ``destination``.
 
@@ -144,6 +147,9 @@ class Mesh(Publisher):
             Policies not given come from the mesh's ``defaults``.
             middleware: handler-level middleware, first listed outermost.
             options: transport-specific subscription options.
+            batch: make it a batch handler (:class:`~meshlink.Batch`): its first parameter
+                is ``list[T]``, its context a :class:`~meshlink.BatchContext`, and
+                ``concurrency`` counts batches (see :mod:`meshlink.batch`).
 
         Raises:
             ConfigurationError: on a duplicate handler, an unannotated payload, a
@@ -162,9 +168,19 @@ class Mesh(Publisher):
             unit_of_work=unit_of_work,
         )
 
+        if batch is not None:
+            per_message = (("idempotency", policies.idempotency), ("unit_of_work", policies.unit_of_work))
+            for setting, value in per_message:
+                if value is not None:
+                    raise ConfigurationError(
+                        setting,
+                        f"works per message and a batch handler handles many at once; pass {setting}=None "
+                        "to this batch handler (the mesh's defaults set one)",
+                    )
+
         def register(fn: F) -> F:
             handler_name: str = name or str(getattr(fn, "__name__", repr(fn)))
-            payload_type, wants_context = inspect_handler(fn, name=handler_name)
+            payload_type, wants_context = inspect_handler(fn, name=handler_name, batch=batch is not None)
             the_group = group or self.service
             for other in self.handlers:
                 if other.name == handler_name:
@@ -190,6 +206,7 @@ class Mesh(Publisher):
                     retry_destination=f"{destination}.{the_group}.retry",
                     middleware=tuple(middleware),
                     options=dict(options or {}),
+                    batch=batch,
                 )
             )
             return fn
@@ -243,7 +260,8 @@ class Mesh(Publisher):
             for spec in self.handlers:
                 await self.transport.declare(spec.dead_letter, DEAD_LETTER_GROUP)
             for spec in self.handlers:
-                dispatcher = Dispatcher(
+                kind = Dispatcher if spec.batch is None else BatchDispatcher
+                dispatcher = kind(
                     self,
                     spec,
                     self.middleware,

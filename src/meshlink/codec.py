@@ -124,7 +124,8 @@ class Decoder:
         if target is bytes:
             self._decode = _identity
         elif isinstance(target, type) and issubclass(target, pydantic.BaseModel):
-            self._decode = target.model_validate_json
+            # what model_validate_json calls, without its frame: this runs for every message
+            self._decode = target.__pydantic_validator__.validate_json
         else:
             self._decode = _adapter(target).validate_json
 

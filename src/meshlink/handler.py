@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from meshlink.batch import Batch, BatchContext, payload_item_type
 from meshlink.codec import Decoder
 from meshlink.context import Context
 from meshlink.errors import ConfigurationError, DecodeError
@@ -48,11 +49,20 @@ class HandlerSpec:
     """Handler-level middleware, first listed outermost."""
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     """Transport-specific subscription options."""
+    batch: Batch | None = None
+    """For a batch handler (``fn`` takes ``list[payload_type]``): how batches are formed."""
 
     @property
     def concurrency(self) -> int:
-        """Most messages handled at once (also the transport prefetch)."""
+        """Most messages handled at once (also the transport prefetch); batches for a batch handler."""
         return self.policies.concurrency
+
+    @property
+    def prefetch(self) -> int:
+        """Most deliveries a subscription of this handler holds unsettled."""
+        if self.batch is None:
+            return self.policies.concurrency
+        return self.policies.concurrency * self.batch.max_size
 
     def decoder(self) -> Callable[[Message], Any]:
         """Build the body decoder for this handler (once per subscription).
@@ -60,6 +70,20 @@ class HandlerSpec:
         Refuses, as permanent DecodeErrors: bodies over the size limit, and a
         content type the target cannot be decoded from (JSON for typed payloads).
         """
+        decode = self.wire_decoder()
+        if self.payload_type is Message:
+
+            def decode_message(message: Message) -> Any:
+                decode(message.body, message.content_type)  # the size check
+                return message
+
+            return decode_message
+        return lambda message: decode(message.body, message.content_type)
+
+    def wire_decoder(self) -> Callable[[bytes, str], Any]:
+        """The decoder of :meth:`decoder` taking the body and its content type (what
+        :meth:`Delivery.wire` gives without rebuilding the envelope). For a ``Message``
+        payload it only checks the size (and returns ``True``)."""
         limit = self.policies.max_body_bytes
         raw = self.payload_type is Message or self.payload_type is bytes
         try:
@@ -68,17 +92,18 @@ class HandlerSpec:
             raise ConfigurationError(
                 "handler", f"{self.name}: cannot decode a body into {self.payload_type!r}: {exc}"
             ) from exc
+        wants_message = self.payload_type is Message
 
-        def decode_message(message: Message) -> Any:
-            if len(message.body) > limit:
-                raise DecodeError(f"body of {len(message.body)} bytes is over the {limit}-byte limit")
+        def decode_wire(body: bytes, content_type: str) -> Any:
+            if len(body) > limit:
+                raise DecodeError(f"body of {len(body)} bytes is over the {limit}-byte limit")
             if decode is None:
-                return message if self.payload_type is Message else message.body
-            if not _is_json(message.content_type):
-                raise DecodeError(f"cannot decode content type {message.content_type!r} as JSON")
-            return decode(message.body)
+                return True if wants_message else body
+            if not _is_json(content_type):
+                raise DecodeError(f"cannot decode content type {content_type!r} as JSON")
+            return decode(body)
 
-        return decode_message
+        return decode_wire
 
 
 def _is_json(content_type: str) -> bool:
@@ -88,8 +113,11 @@ def _is_json(content_type: str) -> bool:
     return base in ("application/json", "text/json", "") or base.endswith("+json")
 
 
-def inspect_handler(fn: UserHandler, *, name: str) -> tuple[Any, bool]:
-    """Return ``(payload_type, wants_context)`` for ``fn``, or raise ConfigurationError."""
+def inspect_handler(fn: UserHandler, *, name: str, batch: bool = False) -> tuple[Any, bool]:
+    """Return ``(payload_type, wants_context)`` for ``fn``, or raise ConfigurationError.
+
+    For a batch handler the first parameter is ``list[T]`` (or ``Sequence[T]``) and
+    ``T`` is returned; its context is a :class:`~meshlink.batch.BatchContext`."""
     if not inspect.iscoroutinefunction(fn):
         raise ConfigurationError("handler", f"{name} must be an async function (async def)")
     params = list(inspect.signature(fn).parameters.values())
@@ -114,10 +142,22 @@ def inspect_handler(fn: UserHandler, *, name: str) -> tuple[Any, bool]:
             "(a pydantic model, Message, bytes, dict…) so the body can be decoded",
         )
     wants_context = len(positional) == 2
+    context_type = BatchContext if batch else Context
     if wants_context:
         second = hints.get(positional[1].name)
-        if second is not None and second is not Context:
+        if second is not None and second is not context_type and not (batch and second is Context):
             raise ConfigurationError(
-                "handler", f"{name}: second parameter must be a meshlink.Context, not {second!r}"
+                "handler",
+                f"{name}: second parameter must be a meshlink.{context_type.__name__}, not {second!r}",
             )
-    return hints[first.name], wants_context
+    payload_type = hints[first.name]
+    if batch:
+        item = payload_item_type(payload_type)
+        if item is None:
+            raise ConfigurationError(
+                "batch",
+                f"{name}: a batch handler's first parameter is list[T] (the decoded payloads), "
+                f"not {payload_type!r}",
+            )
+        return item, wants_context
+    return payload_type, wants_context

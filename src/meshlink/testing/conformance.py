@@ -31,6 +31,7 @@ import pytest
 from meshlink.errors import AlreadySettledError, UnroutableError
 from meshlink.message import Message
 from meshlink.testing._conformance_base import ConformanceBase, Features, Recorder, msg
+from meshlink.testing.conformance_batch import BatchScenarios
 from meshlink.testing.conformance_input import InputScenarios
 from meshlink.testing.conformance_mesh import MeshScenarios
 from meshlink.transport.base import Delivery, Outgoing
@@ -331,5 +332,5 @@ class TransportScenarios(ConformanceBase):
             assert rec.arrived_at[1] - started >= delay, "delayed message delivered early"
 
 
-class TransportConformance(TransportScenarios, MeshScenarios, InputScenarios):
+class TransportConformance(TransportScenarios, MeshScenarios, InputScenarios, BatchScenarios):
     """Subclass in a ``Test*`` class and implement :meth:`make_transport`."""

@@ -65,10 +65,13 @@ import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from meshlink.errors import AlreadySettledError, PublishBatchError
 from meshlink.message import Message
+
+if TYPE_CHECKING:
+    from meshlink.transport.batching import BatchCallback, BatchLimits
 
 __all__ = [
     "Delivery",
@@ -151,6 +154,13 @@ class Delivery(abc.ABC):
         """Where the broker holds this message (partition, offset…), for dead-letter headers."""
         return {}
 
+    def wire(self) -> tuple[bytes, str, int]:
+        """The body, its content type and the attempt: what a batch needs of a message that
+        is handled well. An adapter that builds :attr:`message` lazily answers without
+        rebuilding the whole envelope."""
+        m = self.message
+        return m.body, m.content_type, m.attempt
+
     def _claim(self, how: str) -> None:
         if self.settled is not None:
             raise AlreadySettledError(
@@ -164,6 +174,19 @@ class Delivery(abc.ABC):
         """Mark the message done; the broker forgets it for this group."""
         self._claim(Settlement.ACK)
         await self._do_ack()
+
+    def ack_now(self) -> bool:
+        """Ack at once, when settling needs no broker round trip (Kafka records an offset,
+        the memory broker forgets the message). Returns ``False``, having done nothing,
+        when the caller must ``await ack()`` instead; a batch acks many this way."""
+        return False
+
+    @classmethod
+    def ack_all_now(cls, deliveries: Sequence[Delivery]) -> list[Delivery]:
+        """Ack at once every delivery that allows it (see :meth:`ack_now`); return the
+        others, which the caller must ``await ack()``. An adapter may settle a batch of
+        its own deliveries in one step here (called on the first delivery's class)."""
+        return [d for d in deliveries if not d.ack_now()]
 
     async def nack(self, *, requeue: bool = True) -> None:
         """Give the message back: redeliver it (``requeue=True``) or drop it."""
@@ -263,6 +286,19 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def subscribe(self, spec: SubscriptionSpec, on_delivery: DeliveryCallback) -> Subscription:
         """Declare ``spec.group`` on ``spec.destination`` and start consuming it."""
+
+    async def subscribe_batch(
+        self, spec: SubscriptionSpec, on_batch: BatchCallback, limits: BatchLimits
+    ) -> Subscription:
+        """Like :meth:`subscribe`, handing over lists of deliveries (see
+        :mod:`meshlink.transport.batching`). This generic version gathers the
+        per-delivery callback's deliveries; a transport that fetches in batches
+        overrides it."""
+        from meshlink.transport.batching import BatchCollector, CollectingSubscription
+
+        collector = BatchCollector(on_batch, limits)
+        inner = await self.subscribe(spec, collector.on_delivery)
+        return CollectingSubscription(inner, collector)
 
     def describe(self) -> str:
         """A one-line description without credentials, for logs and ``meshlink check``."""

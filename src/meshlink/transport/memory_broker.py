@@ -20,6 +20,7 @@ from meshlink.message import Message
 from meshlink.transport.base import (
     Delivery,
     DeliveryCallback,
+    Settlement,
     Subscription,
     SubscriptionSpec,
 )
@@ -195,6 +196,11 @@ class MemoryDelivery(Delivery):
         )
         self._sub = sub
         self._entry = entry
+
+    def ack_now(self) -> bool:
+        self._claim(Settlement.ACK)
+        self._sub.settle(self, requeue=False)
+        return True
 
     async def _do_ack(self) -> None:
         self._sub.settle(self, requeue=False)

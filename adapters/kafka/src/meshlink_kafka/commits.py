@@ -116,9 +116,9 @@ class Committer:
         self._now = asyncio.Event()
         self._lock = asyncio.Lock()
 
-    def settled(self) -> None:
-        """One more delivery settled for good: commit early once ``every`` have been."""
-        self._since += 1
+    def settled(self, count: int = 1) -> None:
+        """``count`` more deliveries settled for good: commit early once ``every`` have been."""
+        self._since += count
         if self._since >= self._every:
             self._now.set()
 

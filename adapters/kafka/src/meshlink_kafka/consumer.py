@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -47,7 +48,7 @@ from meshlink_kafka.commits import Committer
 from meshlink_kafka.delivery import Item, KafkaDelivery, PartitionState, accept
 from meshlink_kafka.member import Listener, Member
 from meshlink_kafka.progress import Progress, previous_progress
-from meshlink_kafka.scheduler import KeyScheduler
+from meshlink_kafka.scheduler import KeyScheduler, RecordBuffer
 from meshlink_kafka.settings import KafkaSettings
 from meshlink_kafka.watchdog import StallWatchdog
 
@@ -75,7 +76,9 @@ class KafkaSubscription(Subscription):
         """Recreates a stalled client (``None`` with ``stall_timeout=0``)."""
         if settings.stall_timeout > 0:
             self.watchdog = StallWatchdog(self, settings.stall_timeout, settings.request_timeout_ms / 1000)
-        self._sched: KeyScheduler[Item] = KeyScheduler()
+        self._keys: KeyScheduler[Item] = KeyScheduler()
+        self._sched: RecordBuffer[Item] = self._keys
+        """Fetched records not handed out (a batch subscription puts its own buffer here)."""
         self._parts: dict[TopicPartition, PartitionState] = {}
         self._unsettled = 0
         self._paused = False
@@ -268,8 +271,12 @@ class KafkaSubscription(Subscription):
                 continue
             if batches and not self._stopped:
                 self._activity += 1
-                accept(batches, self._parts, self._sched)
+                self._accept(batches)
                 self._wake.set()
+
+    def _accept(self, batches: dict[TopicPartition, list[Any]]) -> None:
+        """Fetched records into the trackers and the buffer (see :func:`accept`)."""
+        accept(batches, self._parts, self._sched)
 
     def _apply_fetch_pause(self) -> None:
         """Pause every assigned partition while paused, stopped, or the buffer stayed full too long."""
@@ -288,7 +295,7 @@ class KafkaSubscription(Subscription):
     # -- dispatch ------------------------------------------------------------------------
 
     async def _dispatch_loop(self) -> None:
-        sched = self._sched
+        sched = self._keys
         prefetch = self.spec.prefetch
         low_water = self._settings.max_buffered // 2
         streak = 0
@@ -335,6 +342,10 @@ class KafkaSubscription(Subscription):
         if not self._closed and part.active:
             self._settle_live(item, done=done)
         # link gone otherwise: the uncommitted offset is redelivered by the broker
+        self._close_when_drained()
+
+    def _close_when_drained(self) -> None:
+        """Once stopped, leave the group when the last handed-out delivery is settled."""
         if self._stopped and self._unsettled == 0 and self._shutdown_task is None and not self._closed:
             self._shutdown_task = asyncio.get_running_loop().create_task(self.close())
 

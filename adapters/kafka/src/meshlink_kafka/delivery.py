@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from aiokafka import TopicPartition
 
 from meshlink.message import Message
-from meshlink.transport.base import Delivery
+from meshlink.transport.base import Delivery, Settlement
 from meshlink_kafka.progress import Progress
 from meshlink_kafka.tracker import OffsetTracker
 
@@ -147,6 +147,11 @@ class KafkaDelivery(Delivery):
     def location(self) -> Mapping[str, str]:
         rec = self._item.record
         return {"topic": rec.topic, "partition": str(rec.partition), "offset": str(rec.offset)}
+
+    def ack_now(self) -> bool:
+        self._claim(Settlement.ACK)
+        self._sub.settle(self._item, done=True)
+        return True
 
     async def _do_ack(self) -> None:
         self._sub.settle(self._item, done=True)

@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Hashable
 from typing import Generic, Protocol, TypeVar
 
-__all__ = ["KeyScheduler", "Schedulable"]
+__all__ = ["KeyScheduler", "RecordBuffer", "Schedulable"]
 
 
 class Schedulable(Protocol):
@@ -31,6 +31,23 @@ class Schedulable(Protocol):
 
 
 T = TypeVar("T", bound=Schedulable)
+T_contra = TypeVar("T_contra", bound=Schedulable, contravariant=True)
+
+
+class RecordBuffer(Protocol[T_contra]):
+    """What a subscription's poll loop, settlement and rebalance need of its buffer."""
+
+    size: int
+
+    def add(self, item: T_contra) -> None: ...
+
+    def release(self, item: T_contra) -> None: ...
+
+    def requeue(self, item: T_contra) -> None: ...
+
+    def drop_partition(self, partition: Hashable) -> int: ...
+
+    def clear(self) -> None: ...
 
 
 class KeyScheduler(Generic[T]):

@@ -39,6 +39,17 @@ class OffsetTracker:
             self._position = offset
         self._pending.append(offset)
 
+    def add_run(self, offsets: list[int]) -> None:
+        """:meth:`add` for records fetched together (increasing offsets, as a fetch returns them)."""
+        if not offsets:
+            return
+        if offsets[0] <= self._high or offsets[-1] < offsets[0]:
+            raise ValueError(f"offsets {offsets[0]}..{offsets[-1]} not after {self._high}")
+        self._high = offsets[-1]
+        if not self._pending and self._position is None:
+            self._position = offsets[0]
+        self._pending.extend(offsets)
+
     def done(self, offset: int) -> None:
         """A record was settled for good (ack or reject)."""
         pending = self._pending

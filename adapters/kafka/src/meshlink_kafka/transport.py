@@ -40,6 +40,8 @@ from meshlink.transport.base import (
     SubscriptionSpec,
     Transport,
 )
+from meshlink.transport.batching import BatchCallback, BatchLimits
+from meshlink_kafka.batch_consumer import KafkaBatchSubscription
 from meshlink_kafka.consumer import KafkaSubscription
 from meshlink_kafka.delay import H_DELAY_DUE, H_DELAY_TARGET, DelayRelay, tier_topic
 from meshlink_kafka.producer import Producer, Record, record_of
@@ -219,6 +221,20 @@ class KafkaTransport(Transport):
         self._live()
         await self.declare(spec.destination, spec.group)
         sub = KafkaSubscription(spec, on_delivery, self.settings)
+        await sub.start()
+        self._subs.append(sub)
+        return sub
+
+    batches_keep_key_order = True
+    """A partition's next batch waits for its previous one (see :mod:`meshlink_kafka.batch_consumer`)."""
+
+    async def subscribe_batch(
+        self, spec: SubscriptionSpec, on_batch: BatchCallback, limits: BatchLimits
+    ) -> Subscription:
+        """Batches are runs of one partition's fetched records (native, no gathering)."""
+        self._live()
+        await self.declare(spec.destination, spec.group)
+        sub = KafkaBatchSubscription(spec, on_batch, limits, self.settings)
         await sub.start()
         self._subs.append(sub)
         return sub
