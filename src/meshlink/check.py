@@ -73,8 +73,15 @@ def check_mesh(mesh: Mesh) -> list[HandlerReport]:
         breaker = _Named(f"Breaker({p.breaker.name or spec.name})") if p.breaker is not None else None
         stack = policy_stack(spec, breaker, Bulkhead(spec.concurrency))
         names = ["settle", "decode", *(_name(m) for m in [*mesh.middleware, *spec.middleware, *stack])]
+        consumes = f"consumes   {spec.destination} as group {spec.group} (prefetch {spec.prefetch})"
+        if spec.batch is not None:
+            limits = spec.batch.limits()
+            consumes += (
+                f", in batches of up to {limits.max_size} (waiting at most {limits.max_wait:g}s), "
+                f"{spec.concurrency} at once"
+            )
         report.lines += [
-            f"consumes   {spec.destination} as group {spec.group} (prefetch {spec.concurrency})",
+            consumes,
             f"stack      {' -> '.join(names)} -> {spec.name}",
             f"retry      {p.retry.describe()}",
             f"redelivers through {spec.retry_destination} (delayed publish on {mesh.transport.describe()})",
@@ -85,7 +92,7 @@ def check_mesh(mesh: Mesh) -> list[HandlerReport]:
             spec_for_broker = SubscriptionSpec(
                 destination=spec.destination,
                 group=spec.group,
-                prefetch=spec.concurrency,
+                prefetch=spec.prefetch,
                 options=spec.options,
             )
             report.problems.extend(check_subscription(spec_for_broker, p.retry.budget))

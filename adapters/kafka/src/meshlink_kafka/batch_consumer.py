@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -35,7 +35,7 @@ from meshlink.message import Message
 from meshlink.transport.base import Delivery, Settlement, SubscriptionSpec
 from meshlink.transport.batching import BatchCallback, BatchLimits
 from meshlink_kafka.consumer import KafkaSubscription
-from meshlink_kafka.delivery import Item, KafkaDelivery, accept, message_of
+from meshlink_kafka.delivery import KafkaDelivery, PartitionState, Tracked, message_of
 from meshlink_kafka.settings import KafkaSettings
 
 __all__ = ["KafkaBatchDelivery", "KafkaBatchSubscription", "PartitionQueues"]
@@ -54,13 +54,13 @@ class PartitionQueues:
     __slots__ = ("_busy", "_queues", "size")
 
     def __init__(self) -> None:
-        self._queues: dict[Hashable, deque[Item]] = {}
+        self._queues: dict[Hashable, deque[KafkaBatchDelivery]] = {}
         self._busy: dict[Hashable, int] = {}
         """Records of a partition handed out and not settled."""
         self.size = 0
         """Records buffered, not counting handed-out ones."""
 
-    def add(self, item: Item) -> None:
+    def add(self, item: KafkaBatchDelivery) -> None:
         """A record was fetched (records of a partition arrive in offset order)."""
         queue = self._queues.get(item.partition_key)
         if queue is None:
@@ -68,7 +68,7 @@ class PartitionQueues:
         queue.append(item)
         self.size += 1
 
-    def extend(self, partition: Hashable, items: list[Item]) -> None:
+    def extend(self, partition: Hashable, items: list[KafkaBatchDelivery]) -> None:
         """:meth:`add` for records of one partition fetched together."""
         queue = self._queues.get(partition)
         if queue is None:
@@ -76,7 +76,7 @@ class PartitionQueues:
         queue.extend(items)
         self.size += len(items)
 
-    def pop_batch(self, limit: int) -> list[Item]:
+    def pop_batch(self, limit: int) -> list[KafkaBatchDelivery]:
         """Up to ``limit`` records of the first partition with records and none handed out."""
         busy = self._busy
         for key, queue in self._queues.items():
@@ -91,7 +91,7 @@ class PartitionQueues:
                 return batch
         return []
 
-    def release(self, item: Item, count: int = 1) -> None:
+    def release(self, item: Tracked, count: int = 1) -> None:
         """A handed-out record (``count`` records of its partition) was settled for good."""
         key = item.partition_key
         left = self._busy.get(key, 0) - count
@@ -100,16 +100,18 @@ class PartitionQueues:
         else:
             self._busy.pop(key, None)
 
-    def requeue(self, item: Item) -> None:
-        """A handed-out record was given back: it leads its partition's next batch."""
-        queue = self._queues.get(item.partition_key)
+    def requeue(self, item: KafkaBatchDelivery) -> None:
+        """A handed-out record was given back: a new delivery of it leads its partition's
+        next batch."""
+        again = item.again()
+        queue = self._queues.get(again.partition_key)
         if queue is None:
-            queue = self._queues[item.partition_key] = deque()
+            queue = self._queues[again.partition_key] = deque()
         # keep offset order among records given back from the same batch
         at = 0
-        while at < len(queue) and queue[at].offset < item.offset:
+        while at < len(queue) and queue[at].offset < again.offset:
             at += 1
-        queue.insert(at, item)
+        queue.insert(at, again)
         self.size += 1
         self.release(item)
 
@@ -129,24 +131,60 @@ class PartitionQueues:
 
 
 class KafkaBatchDelivery(KafkaDelivery):
-    """A record of a batch; its envelope is rebuilt on first use of :attr:`message`."""
+    """A fetched record of a batch subscription, and its delivery: one object per hand-out
+    (it is its own :class:`~meshlink_kafka.delivery.Item`, which spares an object per
+    record; a record given back is handed out again as a new one, see :meth:`again`).
+    Its envelope is rebuilt on first use of :attr:`message`."""
 
-    __slots__ = ()
+    __slots__ = ("count", "flagged", "offset", "order_key", "part", "partition_key", "record")
 
-    def __init__(self, sub: KafkaSubscription, item: Item) -> None:
+    def __init__(
+        self, sub: KafkaSubscription, record: Any, part: PartitionState, flagged: bool, count: int = 0
+    ) -> None:
         # Delivery.__init__ would take the message: set the slots without building it
         self.destination = sub.spec.destination
         self.group = sub.spec.group
-        self.redelivered = item.flagged or item.count > 0
-        self.delivery_count = None if item.flagged else item.count + 1
+        self.redelivered = flagged or count > 0
+        self.delivery_count = None if flagged else count + 1
         self.settled = None
-        self._sub = sub
-        self._item = item
+        self._sub = sub  # ``_item`` stays unset: it would be ``self``, a reference cycle
+        self.record = record
+        self.part = part
+        self.partition_key: Hashable = part.tp
+        self.order_key: Hashable | None = record.key
+        self.offset: int = record.offset
+        self.count = count
+        """Earlier deliveries of this record by this consumer (nacks)."""
+        self.flagged = flagged
+        """A previous owner of the partition handed this record out (count unknown)."""
+
+    @property
+    def location(self) -> Mapping[str, str]:
+        rec = self.record
+        return {"topic": rec.topic, "partition": str(rec.partition), "offset": str(rec.offset)}
+
+    def ack_now(self) -> bool:
+        self._claim(Settlement.ACK)
+        self._sub.settle(self, done=True)
+        return True
+
+    async def _do_ack(self) -> None:
+        self._sub.settle(self, done=True)
+
+    async def _do_nack(self) -> None:
+        self._sub.settle(self, done=False)
+
+    async def _do_reject(self) -> None:
+        self._sub.settle(self, done=True)
+
+    def again(self) -> KafkaBatchDelivery:
+        """The next delivery of this record (after a nack: ``count`` was raised already)."""
+        return KafkaBatchDelivery(self._sub, self.record, self.part, self.flagged, self.count)
 
     def __getattr__(self, name: str) -> Any:
         # only reached while the ``message`` slot is still empty
         if name == "message":
-            message: Message = message_of(self._item.record)
+            message: Message = message_of(self.record)
             self.message = message
             return message
         raise AttributeError(name)
@@ -164,18 +202,16 @@ class KafkaBatchDelivery(KafkaDelivery):
         for d in mine:  # all or nothing: check every one before settling any
             if d.settled is not None:
                 d._claim(Settlement.ACK)  # raises AlreadySettledError, naming the message
-        items = []
         for d in mine:
             d.settled = Settlement.ACK
-            items.append(d._item)
-        sub.settle_acked(items)
+        sub.settle_acked(mine)
         return []
 
     def wire(self) -> tuple[bytes, str, int]:
         """Body, content type and attempt from the record, read as :meth:`Message.from_headers`
         reads them (a null header is missing; of repeated names the last counts, here even
         when it is null)."""
-        record = self._item.record
+        record = self.record
         content_type = None
         raw = None
         # a plain scan: cheaper than a dict of the pairs (their names are new strings, unhashed)
@@ -211,31 +247,42 @@ class KafkaBatchSubscription(KafkaSubscription):
         self._sched = self._queues
 
     def _accept(self, batches: dict[TopicPartition, list[Any]]) -> None:
-        """:func:`~meshlink_kafka.delivery.accept`, a fetched run of a partition at a time. A
-        partition with offsets a previous owner finished, or a run the client repeats,
-        takes the record-by-record way."""
+        """Fetched records into the trackers and the partitions' queues, a fetched run at a
+        time (as :func:`~meshlink_kafka.delivery.accept` does record by record): records the
+        client repeats are dropped; a record a previous owner settled for good is marked
+        done and never handed out."""
         parts = self._parts
         queues = self._queues
         for tp, records in batches.items():
             part = parts.get(tp)
             if part is None or part.draining or not records:
                 continue
-            if part.skip or records[0].offset < part.next_offset:
-                accept({tp: records}, parts, queues)
-                continue
+            if records[0].offset < part.next_offset:
+                records = [r for r in records if r.offset >= part.next_offset]
+                if not records:
+                    continue
             part.next_offset = records[-1].offset + 1
             part.tracker.add_run([r.offset for r in records])
+            skip = part.skip
+            if skip:
+                kept = []
+                for r in records:
+                    if r.offset in skip:
+                        part.tracker.done(r.offset)  # a previous owner finished it
+                    else:
+                        kept.append(r)
+                records = kept
             upto = part.redelivered_upto
-            queues.extend(tp, [Item(r, part, r.offset <= upto) for r in records])
+            queues.extend(tp, [KafkaBatchDelivery(self, r, part, r.offset <= upto) for r in records])
 
-    def settle_acked(self, items: list[Item]) -> None:
+    def settle_acked(self, items: list[KafkaBatchDelivery]) -> None:
         """:meth:`settle` (``done``) for many items at once."""
         self._unsettled -= len(items)
         live = not self._closed
         tracked = 0
         queues = self._queues
         # a batch is one partition's: its records leave the partition's count at once
-        last: Item | None = None
+        last: KafkaBatchDelivery | None = None
         run = 0
         for item in items:
             part = item.part
@@ -273,12 +320,12 @@ class KafkaBatchSubscription(KafkaSubscription):
             if queues.size <= low_water:
                 self._buffer_has_room()
             # a batch is one partition's, in offset order (given-back records lead it)
+            deliveries = items
             part = items[0].part
             part.inflight += len(items)
             if items[-1].offset > part.handed_out:
                 part.handed_out = items[-1].offset
             self._unsettled += len(items)
-            deliveries = [KafkaBatchDelivery(self, item) for item in items]
             try:
                 await self._on_batch(deliveries)
             except Exception:

@@ -45,7 +45,7 @@ from aiokafka.errors import ConsumerStoppedError, KafkaError
 from meshlink.errors import TransportClosedError, TransportConnectionError
 from meshlink.transport.base import DeliveryCallback, Subscription, SubscriptionSpec
 from meshlink_kafka.commits import Committer
-from meshlink_kafka.delivery import Item, KafkaDelivery, PartitionState, accept
+from meshlink_kafka.delivery import Item, KafkaDelivery, PartitionState, Tracked, accept
 from meshlink_kafka.member import Listener, Member
 from meshlink_kafka.progress import Progress, previous_progress
 from meshlink_kafka.scheduler import KeyScheduler, RecordBuffer
@@ -77,7 +77,7 @@ class KafkaSubscription(Subscription):
         if settings.stall_timeout > 0:
             self.watchdog = StallWatchdog(self, settings.stall_timeout, settings.request_timeout_ms / 1000)
         self._keys: KeyScheduler[Item] = KeyScheduler()
-        self._sched: RecordBuffer[Item] = self._keys
+        self._sched: RecordBuffer[Any] = self._keys
         """Fetched records not handed out (a batch subscription puts its own buffer here)."""
         self._parts: dict[TopicPartition, PartitionState] = {}
         self._unsettled = 0
@@ -334,7 +334,7 @@ class KafkaSubscription(Subscription):
             self._buffer_paused = False
             self._apply_fetch_pause()
 
-    def settle(self, item: Item, *, done: bool) -> None:
+    def settle(self, item: Tracked, *, done: bool) -> None:
         """Called by a delivery's ack / reject (``done``) or nack (not done)."""
         part = item.part
         self._unsettled -= 1
@@ -349,7 +349,7 @@ class KafkaSubscription(Subscription):
         if self._stopped and self._unsettled == 0 and self._shutdown_task is None and not self._closed:
             self._shutdown_task = asyncio.get_running_loop().create_task(self.close())
 
-    def _settle_live(self, item: Item, *, done: bool) -> None:
+    def _settle_live(self, item: Tracked, *, done: bool) -> None:
         part = item.part
         if done:
             part.tracker.done(item.offset)

@@ -23,7 +23,7 @@ from meshlink_kafka.tracker import OffsetTracker
 if TYPE_CHECKING:
     from meshlink_kafka.consumer import KafkaSubscription
 
-__all__ = ["Item", "KafkaDelivery", "PartitionState", "accept", "message_of"]
+__all__ = ["Item", "KafkaDelivery", "PartitionState", "Tracked", "accept", "message_of"]
 
 
 class PartitionState:
@@ -80,6 +80,23 @@ class Item:
         """Earlier deliveries of this record by this consumer (nacks)."""
         self.flagged = flagged
         """A previous owner of the partition handed this record out (count unknown)."""
+
+
+class Tracked(Protocol):
+    """What settlement needs of a handed-out record: an :class:`Item`, or a batch delivery
+    that is its own item (:class:`~meshlink_kafka.batch_consumer.KafkaBatchDelivery`)."""
+
+    record: Any
+    part: PartitionState
+    offset: int
+    count: int
+    flagged: bool
+
+    @property
+    def partition_key(self) -> Hashable: ...
+
+    @property
+    def order_key(self) -> Hashable | None: ...
 
 
 class _Buffer(Protocol):
@@ -141,7 +158,7 @@ class KafkaDelivery(Delivery):
             delivery_count=None if item.flagged else item.count + 1,
         )
         self._sub = sub
-        self._item = item
+        self._item: Tracked = item
 
     @property
     def location(self) -> Mapping[str, str]:
