@@ -169,13 +169,19 @@ class Mesh(Publisher):
         )
 
         if batch is not None:
-            per_message = (("idempotency", policies.idempotency), ("unit_of_work", policies.unit_of_work))
-            for setting, value in per_message:
+            per_message = (
+                ("idempotency", policies.idempotency, idempotency),
+                ("unit_of_work", policies.unit_of_work, unit_of_work),
+            )
+            for setting, value, given in per_message:
                 if value is not None:
+                    how = (
+                        f"pass {setting}=None to this batch handler (the mesh's defaults set one)"
+                        if isinstance(given, Unset)
+                        else f"leave {setting} off this batch handler"
+                    )
                     raise ConfigurationError(
-                        setting,
-                        f"works per message and a batch handler handles many at once; pass {setting}=None "
-                        "to this batch handler (the mesh's defaults set one)",
+                        setting, f"works per message and a batch handler handles many at once; {how}"
                     )
 
         def register(fn: F) -> F:

@@ -22,6 +22,7 @@ from meshlink.dispatch import _LOG_VARS, Dispatcher
 from meshlink.errors import MeshlinkError
 from meshlink.events import HandlerFailed, MessageHandled
 from meshlink.handler import HandlerSpec
+from meshlink.message import Message
 from meshlink.pipeline import Middleware
 from meshlink.resilience.breaker import CircuitBreaker
 from meshlink.resilience.retry import first_failed_at
@@ -123,13 +124,15 @@ class BatchDispatcher(Dispatcher):
             payloads: list[Any] = []
             attempt = 1
             decode = self._decode_wire
+            envelopes = self.spec.payload_type is Message  # the decoder only checks their size
             for delivery in deliveries:
                 body, content_type, tries = delivery.wire()
                 try:
-                    payloads.append(decode(body, content_type))
+                    payload = decode(body, content_type)
                 except Exception as exc:  # bad input: this message alone is dead-lettered
                     await self._failed_one(delivery, exc, tries, None)
                     continue
+                payloads.append(delivery.message if envelopes else payload)
                 good.append(delivery)
                 if tries > attempt:
                     attempt = tries

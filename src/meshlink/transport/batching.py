@@ -10,9 +10,10 @@ waiting, or once the oldest has waited ``max_wait`` seconds.
 The guarantees are the per-delivery ones (the conformance suite checks both):
 ``on_batch`` is called one call at a time per subscription, in broker order;
 each delivery is settled on its own, exactly once; at most ``prefetch``
-deliveries are unsettled. ``stop()`` hands over what was gathered before it
-returns, so that nothing handed over by the broker is left unsettled in a
-collector until the transport closes.
+deliveries are unsettled; nothing is handed over between ``pause()`` and
+``resume()``. A callback that raises gets its deliveries given back (nack), and
+``stop()`` gives back what was gathered and not handed over, so that nothing
+the broker handed out waits in a collector until the transport closes.
 """
 
 from __future__ import annotations
@@ -22,10 +23,14 @@ import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from meshlink.errors import ConfigurationError
+import structlog
+
+from meshlink.errors import ConfigurationError, MeshlinkError
 from meshlink.transport.base import Delivery, Subscription
 
 __all__ = ["BatchCallback", "BatchCollector", "BatchLimits", "CollectingSubscription"]
+
+_log = structlog.get_logger("meshlink.transport")
 
 BatchCallback = Callable[[Sequence[Delivery]], Awaitable[None]]
 """Called with 1 to ``max_size`` deliveries, one call at a time per subscription, in broker order."""
@@ -41,6 +46,8 @@ class BatchLimits:
     """Seconds the oldest gathered delivery waits for the batch to fill; 0 hands over at once."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.max_size, int) or isinstance(self.max_size, bool):
+            raise ConfigurationError("batch.max_size", f"must be a whole number, got {self.max_size!r}")
         if self.max_size < 1:
             raise ConfigurationError("batch.max_size", f"must be >= 1, got {self.max_size}")
         if self.max_wait < 0:
@@ -58,17 +65,19 @@ class BatchCollector:
         # one hand-over at a time, in order, whether the size or the timer triggered it
         self._lock = asyncio.Lock()
         self._timed: set[asyncio.Task[None]] = set()
+        self._paused = False
+        self._closed = False
 
     async def on_delivery(self, delivery: Delivery) -> None:
         self._pending.append(delivery)
-        if len(self._pending) >= self._limits.max_size:
+        if len(self._pending) >= self._limits.max_size or self._limits.max_wait == 0:
             await self.flush()
         elif self._timer is None:
-            if self._limits.max_wait == 0:
-                await self.flush()
-                return
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(self._limits.max_wait, self._due)
+            self._arm()
+
+    def _arm(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._limits.max_wait, self._due)
 
     def _due(self) -> None:
         self._timer = None
@@ -77,22 +86,57 @@ class BatchCollector:
         task.add_done_callback(self._timed.discard)
 
     async def flush(self) -> None:
-        """Hand over what is gathered now (nothing if nothing is)."""
+        """Hand over what is gathered now (nothing if nothing is, or while paused)."""
         async with self._lock:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            if not self._pending:
+            if not self._pending or self._paused or self._closed:
                 return
             batch, self._pending = self._pending, []
-            await self._on_batch(batch)
+            try:
+                await self._on_batch(batch)
+            except Exception:
+                # as a transport does when its per-delivery callback fails: give them back
+                _log.exception("batch callback failed; messages requeued", size=len(batch))
+                await _give_back(batch)
+
+    def pause(self) -> None:
+        """Hold what is gathered (nothing is handed over while the subscription is paused)."""
+        self._paused = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def resume(self) -> None:
+        """Hand over again: at once if a batch is full, else when the wait is over."""
+        self._paused = False
+        if len(self._pending) >= self._limits.max_size or (self._pending and self._limits.max_wait == 0):
+            await self.flush()
+        elif self._pending and self._timer is None:
+            self._arm()
 
     async def close(self) -> None:
-        """Hand over what is gathered and stop the timer."""
-        await self.flush()
+        """Stop for good: what is gathered and not handed over goes back to the broker."""
+        async with self._lock:
+            self._closed = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            batch, self._pending = self._pending, []
+        await _give_back(batch)
         for task in list(self._timed):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+async def _give_back(deliveries: list[Delivery]) -> None:
+    for delivery in deliveries:
+        if delivery.settled is None:
+            try:
+                await delivery.nack(requeue=True)
+            except MeshlinkError as exc:  # the link is gone: the broker redelivers it anyway
+                _log.warning("could not give a gathered message back", error=str(exc))
 
 
 class CollectingSubscription(Subscription):
@@ -108,14 +152,18 @@ class CollectingSubscription(Subscription):
         return self.inner.paused
 
     async def pause(self) -> None:
+        self.collector.pause()
         await self.inner.pause()
 
     async def resume(self) -> None:
         await self.inner.resume()
+        await self.collector.resume()
 
     async def stop(self) -> None:
-        await self.inner.stop()
-        await self.collector.close()
+        try:
+            await self.inner.stop()
+        finally:
+            await self.collector.close()
 
     def __getattr__(self, name: str) -> object:
         # adapter-specific attributes (a Kafka group id, a RabbitMQ queue name) stay reachable

@@ -12,7 +12,8 @@ transport contract and passes the same conformance suite as RabbitMQ and Kafka.
 * Per-key order holds across the whole group: a message with key ``K`` is not
   handed out while an earlier message with key ``K`` is unsettled, so
   different keys run concurrently and one key runs in order. A nacked message
-  goes back to the head of its group queue.
+  goes back to the head of its group queue. (A batch handler's subscription may
+  take a key's following messages while it holds the key: it keeps them in order.)
 * Delays run on the injected :class:`~meshlink.clock.Clock`, so tests move time
   with :class:`~meshlink.clock.FakeClock` instead of waiting.
 * Every message is passed through its wire headers on publish, so whatever a
@@ -38,6 +39,7 @@ from meshlink.transport.base import (
     SubscriptionSpec,
     Transport,
 )
+from meshlink.transport.batching import BatchCallback, BatchCollector, BatchLimits, CollectingSubscription
 from meshlink.transport.memory_broker import MemoryBroker, MemorySubscription
 
 __all__ = ["MemoryBroker", "MemoryTransport"]
@@ -125,10 +127,24 @@ class MemoryTransport(Transport):
             broker.route(destination, wire)
 
     async def subscribe(self, spec: SubscriptionSpec, on_delivery: DeliveryCallback) -> Subscription:
+        return self._subscribe(spec, on_delivery, batching=False)
+
+    async def subscribe_batch(
+        self, spec: SubscriptionSpec, on_batch: BatchCallback, limits: BatchLimits
+    ) -> Subscription:
+        """The generic collector, on a subscription that may take a key's following messages
+        while it holds the key (so one key's messages can fill a batch; the collector and the
+        dispatcher keep them in order)."""
+        collector = BatchCollector(on_batch, limits)
+        return CollectingSubscription(self._subscribe(spec, collector.on_delivery, batching=True), collector)
+
+    def _subscribe(
+        self, spec: SubscriptionSpec, on_delivery: DeliveryCallback, *, batching: bool
+    ) -> Subscription:
         broker = self._live_broker()
         group = broker.declare(spec.destination, spec.group)
         assert group is not None
-        sub = MemorySubscription(broker, group, spec, on_delivery)
+        sub = MemorySubscription(broker, group, spec, on_delivery, batching=batching)
         group.subs.append(sub)
         self._subs.append(sub)
         broker.pump(group)

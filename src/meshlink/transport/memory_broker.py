@@ -54,9 +54,37 @@ class _Group:
         self.destination = destination
         self.name = name
         self.ready: deque[_Entry] = deque()
-        self.busy_keys: set[str] = set()
+        self.busy_keys: dict[str, _Hold] = {}
+        """Keys with a message handed out: to whom, and how many of the key's messages."""
         self.subs: list[MemorySubscription] = []
         self.turn = itertools.count()
+
+    def hold(self, key: str, sub: MemorySubscription) -> bool:
+        """Take ``key`` for ``sub``: free keys, and more messages of a key a batch subscription
+        holds already (it hands them over in order, in one batch or batches kept in order)."""
+        held = self.busy_keys.get(key)
+        if held is None:
+            self.busy_keys[key] = _Hold(sub)
+            return True
+        if held.sub is sub and sub.batching:
+            held.count += 1
+            return True
+        return False
+
+    def unhold(self, key: str) -> None:
+        held = self.busy_keys.get(key)
+        if held is not None:
+            held.count -= 1
+            if held.count <= 0:
+                del self.busy_keys[key]
+
+
+class _Hold:
+    __slots__ = ("count", "sub")
+
+    def __init__(self, sub: MemorySubscription) -> None:
+        self.sub = sub
+        self.count = 1
 
 
 class MemoryBroker:
@@ -134,30 +162,28 @@ class MemoryBroker:
     def pump(self, g: _Group) -> None:
         """Hand ready messages to subscriptions with room, keeping per-key order."""
         while g.ready:
-            sub = self._next_consumer(g)
-            if sub is None:
+            n = len(g.subs)
+            for _ in range(n):
+                sub = g.subs[next(g.turn) % n]
+                if not sub.has_room():
+                    continue
+                entry = self._take_dispatchable(g, sub)
+                if entry is not None:
+                    sub.assign(entry)
+                    break
+                # what one plain subscription cannot take, no other plain one can either;
+                # only a batch subscription holding a key may take more of it
+                if not sub.batching and not any(s.batching for s in g.subs):
+                    return
+            else:
                 return
-            entry = self._take_dispatchable(g)
-            if entry is None:
-                return
-            sub.assign(entry)
-
-    def _next_consumer(self, g: _Group) -> MemorySubscription | None:
-        n = len(g.subs)
-        for _ in range(n):
-            sub = g.subs[next(g.turn) % n]
-            if sub.has_room():
-                return sub
-        return None
 
     @staticmethod
-    def _take_dispatchable(g: _Group) -> _Entry | None:
+    def _take_dispatchable(g: _Group, sub: MemorySubscription) -> _Entry | None:
         for i, entry in enumerate(g.ready):
             key = entry.message.key
-            if key is None or key not in g.busy_keys:
+            if key is None or g.hold(key, sub):
                 del g.ready[i]
-                if key is not None:
-                    g.busy_keys.add(key)
                 return entry
         return None
 
@@ -166,7 +192,7 @@ class MemoryBroker:
         order, as RabbitMQ keeps a requeued message's position)."""
         for entry in entries:
             if entry.message.key is not None:
-                g.busy_keys.discard(entry.message.key)
+                g.unhold(entry.message.key)
             if redelivered:
                 entry.count += 1
             g.ready.insert(bisect.bisect_left(g.ready, entry.seq, key=_seq_of), entry)
@@ -175,7 +201,7 @@ class MemoryBroker:
 
     def release(self, g: _Group, entry: _Entry) -> None:
         if entry.message.key is not None:
-            g.busy_keys.discard(entry.message.key)
+            g.unhold(entry.message.key)
         self.pump(g)
         self.touch()
 
@@ -219,11 +245,15 @@ class MemorySubscription(Subscription):
         group: _Group,
         spec: SubscriptionSpec,
         on_delivery: DeliveryCallback,
+        *,
+        batching: bool = False,
     ) -> None:
         self.spec = spec
         self.broker = broker
         self.group = group
         self.on_delivery = on_delivery
+        self.batching = batching
+        """Feeds a batch collector: may take more messages of a key it holds (see ``_Group.hold``)."""
         self.inbox: deque[MemoryDelivery] = deque()
         self.unsettled: set[MemoryDelivery] = set()
         self.stopped = False

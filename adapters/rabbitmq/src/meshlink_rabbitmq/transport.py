@@ -18,6 +18,8 @@ from meshlink_rabbitmq.recovery import ConsumerRecovery
 from meshlink_rabbitmq.settings import RabbitSettings, SubscriptionOptions
 from meshlink_rabbitmq.topology import Topology
 
+_MAX_PREFETCH = 65_535
+
 __all__ = ["RabbitTransport"]
 
 _log = structlog.get_logger("meshlink.rabbitmq")
@@ -124,7 +126,9 @@ class RabbitTransport(Transport):
         name = await self.topology.group(spec.destination, spec.group, options)
         channel = await conn.channel(publisher_confirms=False)
         try:
-            await channel.set_qos(prefetch_count=spec.prefetch)
+            # AMQP's prefetch_count is 16 bits: a larger prefetch (a batch handler's
+            # concurrency x max_size can be one) is capped at 65,535 unacked messages
+            await channel.set_qos(prefetch_count=min(spec.prefetch, _MAX_PREFETCH))
             # Declared again on the consuming channel so that aio-pika's restore of
             # this channel re-creates the queue before consuming from it.
             queue = await channel.declare_queue(name, durable=True, arguments=options.queue_arguments())
