@@ -9,8 +9,9 @@ meshlink is measured through what a user writes, nothing lower:
   with every default policy (retry with its retry topic, 60 s timeout, bulkhead
   = prefetch) and once bare (``retry=Retry.none(), timeout=None``), so that the
   cost of the policy stack shows. ``concurrency`` is ``--prefetch`` for both.
-  meshlink commits after processing (at-least-once; batched commits of the
-  settled offsets).
+  And a batch handler ``async def handle(batch: list[Order]) -> None`` with
+  ``batch=Batch(max_size=--batch)`` and every default policy. meshlink commits
+  after processing (at-least-once; batched commits of the settled offsets).
 
 Raw aiokafka: a producer with ``acks=all`` sending the same windows (every send
 of a window handed to the client, then the window's futures gathered); a
@@ -30,7 +31,13 @@ is reported: msg/s (wall clock), the ratio to raw aiokafka and to raw+env, and
 CPU microseconds per message (``time.process_time``, this process only; the
 broker runs in its own process).
 
-    .venv/bin/python benchmarks/kafka_throughput.py [--messages 20000] [--rounds 5]
+    .venv/bin/python benchmarks/kafka_throughput.py [--messages 50000] [--rounds 5]
+
+50,000 messages per side by default: the consume of 20,000 lasts about 0.1 s for raw
+aiokafka, short enough for one slow fetch at the start or the end to move a round's
+figure by a tenth. The prepared orders are frozen out of the garbage collector's reach
+(``gc.freeze()``, see ``run``) unless ``--no-freeze``: they are the benchmark's fixture,
+and a full collection scanning them would be charged to whichever side set it off.
 
 Uses ``MESHLINK_KAFKA_BOOTSTRAP`` if set, else starts a local broker
 (``scripts/kafka_broker.py``). ``fetch_max_wait_ms=10`` and a 6 s session
@@ -385,7 +392,7 @@ def _broker_module() -> Any:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--messages", type=int, default=50_000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--prefetch", type=int, default=256)
     parser.add_argument("--window", type=int, default=1_000)

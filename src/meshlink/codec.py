@@ -132,12 +132,22 @@ class Decoder:
     def __call__(self, body: bytes) -> Any:
         try:
             return self._decode(body)
-        except pydantic.ValidationError as exc:
-            raise DecodeError(
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            raise self.failure(exc) from exc
+
+    @property
+    def validate(self) -> Callable[[bytes], Any]:
+        """The bare decoding call (raises ``ValueError``; see :meth:`failure`), for a caller
+        that runs it for every message and saves this object's frame."""
+        return self._decode
+
+    def failure(self, exc: ValueError) -> DecodeError:
+        """The :class:`DecodeError` for what :attr:`validate` raised."""
+        if isinstance(exc, pydantic.ValidationError):
+            return DecodeError(
                 f"body does not fit {getattr(self.target, '__name__', self.target)}: {_summarise(exc)}"
-            ) from exc
-        except ValueError as exc:  # pragma: no cover - pydantic reports JSON errors as ValidationError
-            raise DecodeError(f"body is not valid JSON: {exc}") from exc
+            )
+        return DecodeError(f"body is not valid JSON: {exc}")  # pydantic reports JSON errors itself
 
 
 def decoder_for(target: type[T]) -> Decoder:

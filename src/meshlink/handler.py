@@ -93,15 +93,26 @@ class HandlerSpec:
                 "handler", f"{self.name}: cannot decode a body into {self.payload_type!r}: {exc}"
             ) from exc
         wants_message = self.payload_type is Message
+        if decode is None:
+
+            def decode_raw(body: bytes, content_type: str) -> Any:
+                if len(body) > limit:
+                    raise DecodeError(f"body of {len(body)} bytes is over the {limit}-byte limit")
+                return True if wants_message else body
+
+            return decode_raw
+        # called for every message: the validator is called bare, JSON is checked first
+        validate, failure = decode.validate, decode.failure
 
         def decode_wire(body: bytes, content_type: str) -> Any:
             if len(body) > limit:
                 raise DecodeError(f"body of {len(body)} bytes is over the {limit}-byte limit")
-            if decode is None:
-                return True if wants_message else body
-            if not _is_json(content_type):
+            if content_type != "application/json" and not _is_json(content_type):
                 raise DecodeError(f"cannot decode content type {content_type!r} as JSON")
-            return decode(body)
+            try:
+                return validate(body)
+            except ValueError as exc:
+                raise failure(exc) from exc
 
         return decode_wire
 

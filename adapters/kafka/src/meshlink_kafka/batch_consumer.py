@@ -245,6 +245,9 @@ class KafkaBatchSubscription(KafkaSubscription):
         self._limits = limits
         self._queues = PartitionQueues()
         self._sched = self._queues
+        # a partition's next batch waits while the current one runs: more than a batch's
+        # worth buffered only keeps records (and the collector's work) alive longer
+        self._max_buffered = min(settings.max_buffered, max(limits.max_size, settings.max_poll_records))
 
     def _accept(self, batches: dict[TopicPartition, list[Any]]) -> None:
         """Fetched records into the trackers and the partitions' queues, a fetched run at a
@@ -308,7 +311,7 @@ class KafkaBatchSubscription(KafkaSubscription):
         queues = self._queues
         prefetch = self.spec.prefetch
         max_size = self._limits.max_size
-        low_water = self._settings.max_buffered // 2
+        low_water = self._max_buffered // 2
         while True:
             room = prefetch - self._unsettled
             blocked = self._paused or self._stopped or room <= 0

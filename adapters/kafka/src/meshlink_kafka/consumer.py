@@ -76,6 +76,8 @@ class KafkaSubscription(Subscription):
         """Recreates a stalled client (``None`` with ``stall_timeout=0``)."""
         if settings.stall_timeout > 0:
             self.watchdog = StallWatchdog(self, settings.stall_timeout, settings.request_timeout_ms / 1000)
+        self._max_buffered = settings.max_buffered
+        """Fetched records that may wait to be handed out before the poll holds."""
         self._keys: KeyScheduler[Item] = KeyScheduler()
         self._sched: RecordBuffer[Any] = self._keys
         """Fetched records not handed out (a batch subscription puts its own buffer here)."""
@@ -206,7 +208,7 @@ class KafkaSubscription(Subscription):
             return "stopped"
         if self._paused:
             return "paused"
-        if self._buffer_paused or self._sched.size >= self._settings.max_buffered:
+        if self._buffer_paused or self._sched.size >= self._max_buffered:
             return "buffer full"
         if not self._parts or not self._member.client.assignment():
             return "no partitions"
@@ -251,7 +253,7 @@ class KafkaSubscription(Subscription):
         # pauses the partitions and polls, so that the member never looks dead to the group.
         hold = self._settings.max_poll_interval_ms / 2000
         while not self._closed:
-            if self._sched.size >= self._settings.max_buffered and not self._buffer_paused:
+            if self._sched.size >= self._max_buffered and not self._buffer_paused:
                 self._room.clear()
                 try:
                     await asyncio.wait_for(self._room.wait(), hold)
@@ -297,7 +299,7 @@ class KafkaSubscription(Subscription):
     async def _dispatch_loop(self) -> None:
         sched = self._keys
         prefetch = self.spec.prefetch
-        low_water = self._settings.max_buffered // 2
+        low_water = self._max_buffered // 2
         streak = 0
         while True:
             streak += 1
@@ -375,7 +377,7 @@ class KafkaSubscription(Subscription):
         for part in parts:
             part.draining = True
             self._sched.drop_partition(part.tp)
-        if self._sched.size <= self._settings.max_buffered // 2:
+        if self._sched.size <= self._max_buffered // 2:
             # the dropped records may have been what held the poll or paused the partitions;
             # nothing is left for the dispatch loop to take, so it would never say so
             self._buffer_has_room()
