@@ -20,7 +20,7 @@ from meshlink.batch import BatchContext
 from meshlink.context import Context
 from meshlink.dispatch import _LOG_VARS, Dispatcher
 from meshlink.errors import MeshlinkError
-from meshlink.events import HandlerFailed, MessageHandled
+from meshlink.events import MessageHandled
 from meshlink.handler import HandlerSpec
 from meshlink.message import Message
 from meshlink.pipeline import Middleware
@@ -201,14 +201,4 @@ class BatchDispatcher(Dispatcher):
         ctx.attempt = attempt
         if first_failure is not None:
             ctx.first_failed_at = first_failed_at(ctx.message, first_failure)
-        self.failed += 1
-        self.mesh.emit(
-            HandlerFailed(
-                handler=self.spec.name,
-                destination=self.spec.destination,
-                group=self.spec.group,
-                message=ctx.message,
-                error=exc,
-            )
-        )
-        await self.recoverability.on_failure(ctx, exc)
+        await self._fail(ctx, exc)

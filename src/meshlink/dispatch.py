@@ -220,6 +220,10 @@ class Dispatcher:
     async def _failed(self, ctx: Context, exc: Exception, me: asyncio.Task[Any] | None) -> None:
         if me is not None:  # from here on, a drain lets it finish (see drain)
             self._settling.add(me)
+        await self._fail(ctx, exc)
+
+    async def _fail(self, ctx: Context, exc: Exception) -> None:
+        """Count and report the failure, then settle the message as the policy decides."""
         self.failed += 1
         self.mesh.emit(
             HandlerFailed(
