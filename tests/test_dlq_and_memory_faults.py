@@ -206,6 +206,9 @@ def test_cli_outbox_list_before_db_init_is_a_clear_error(tmp_path: Path) -> None
     url = f"sqlite+aiosqlite:///{tmp_path / 'x.db'}"
     result = runner.invoke(app, ["outbox", "list", "--store", url])
     _clean_failure(result)
+    assert "no such table: meshlink_outbox" in result.output
+    assert "SELECT" not in result.output, "the statement is left out"
+    assert "run `meshlink db init --store URL`" in result.output
 
 
 # -- CLI: --error-type selects only that error -------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
@@ -45,8 +46,19 @@ def _run(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     except Exception as exc:  # a store that cannot be reached or opened (driver errors): no traceback
-        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        # the driver's first line; SQLAlchemy appends the whole statement and a link after it
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        typer.echo(f"error: {type(exc).__name__}: {text}", err=True)
+        if _MISSING_TABLE.search(text):
+            typer.echo(
+                "hint: the store has no outbox tables yet: run `meshlink db init --store URL`", err=True
+            )
         raise typer.Exit(2) from exc
+
+
+_INIT_HINT = "hint: the store has no outbox tables yet: run `meshlink db init --store URL`"
+# SQLite's and PostgreSQL's words for a table that is not there
+_MISSING_TABLE = re.compile(r"no such table|relation .* does not exist|UndefinedTable", re.IGNORECASE)
 
 
 async def _with_stores(url: str, work: Callable[[Stores], Awaitable[T]]) -> T:
