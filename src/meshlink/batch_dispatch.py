@@ -25,6 +25,7 @@ from meshlink.handler import HandlerSpec
 from meshlink.message import Message
 from meshlink.pipeline import Middleware
 from meshlink.resilience.breaker import CircuitBreaker
+from meshlink.resilience.deadletter import FIRST_FAILED_AT
 from meshlink.resilience.retry import first_failed_at
 from meshlink.transport.base import Delivery, SubscriptionSpec
 
@@ -130,7 +131,11 @@ class BatchDispatcher(Dispatcher):
                 try:
                     payload = decode(body, content_type)
                 except Exception as exc:  # bad input: this message alone is dead-lettered
+                    if me is not None:  # a drain lets its dead-lettering finish (see drain)
+                        self._settling.add(me)
                     await self._failed_one(delivery, exc, tries, None)
+                    if me is not None:
+                        self._settling.discard(me)
                     continue
                 payloads.append(delivery.message if envelopes else payload)
                 good.append(delivery)
@@ -188,10 +193,14 @@ class BatchDispatcher(Dispatcher):
         if me is not None:  # from here on, a drain lets it finish
             self._settling.add(me)
         now = self.mesh.clock.time()
-        first = ctx.first_failed_at if ctx.first_failed_at is not None else now
+        # the batch's first failure here, unless its time came from the first message's
+        # own header: a message without that header first failed here, not then
+        here = ctx.first_failed_at
+        if here is None or FIRST_FAILED_AT in ctx.message.headers:
+            here = now
         tries_here = ctx.attempt - started_at  # in-process retries of this batch
         await asyncio.gather(
-            *(self._failed_one(d, exc, d.wire()[2] + tries_here, first) for d in ctx.deliveries)
+            *(self._failed_one(d, exc, d.wire()[2] + tries_here, here) for d in ctx.deliveries)
         )
 
     async def _failed_one(

@@ -73,6 +73,7 @@ class MemoryTransport(Transport):
         self._clock = clock
         self._broker: MemoryBroker | None = None
         self._subs: list[MemorySubscription] = []
+        self._collecting: list[CollectingSubscription] = []
         self._closed = False
 
     @property
@@ -97,6 +98,9 @@ class MemoryTransport(Transport):
         if self._closed:
             return
         self._closed = True
+        for collecting in self._collecting:  # what a collector gathered goes back first
+            await collecting.collector.close()
+        self._collecting.clear()
         for sub in self._subs:
             await sub.detach()
         self._subs.clear()
@@ -136,7 +140,11 @@ class MemoryTransport(Transport):
         while it holds the key (so one key's messages can fill a batch; the collector and the
         dispatcher keep them in order)."""
         collector = BatchCollector(on_batch, limits)
-        return CollectingSubscription(self._subscribe(spec, collector.on_delivery, batching=True), collector)
+        collecting = CollectingSubscription(
+            self._subscribe(spec, collector.on_delivery, batching=True), collector
+        )
+        self._collecting.append(collecting)
+        return collecting
 
     def _subscribe(
         self, spec: SubscriptionSpec, on_delivery: DeliveryCallback, *, batching: bool

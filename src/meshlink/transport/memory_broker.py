@@ -191,8 +191,14 @@ class MemoryBroker:
         """Put entries back where they were in the group queue (the queue stays in arrival
         order, as RabbitMQ keeps a requeued message's position)."""
         for entry in entries:
-            if entry.message.key is not None:
-                g.unhold(entry.message.key)
+            key = entry.message.key
+            if key is not None:
+                held = g.busy_keys.get(key)
+                if held is not None and held.sub.batching and held.count > 1:
+                    # the batch subscription took later messages of the key already: those
+                    # not handed over yet go back too, so that this one comes first again
+                    held.sub.return_key(key)
+                g.unhold(key)
             if redelivered:
                 entry.count += 1
             g.ready.insert(bisect.bisect_left(g.ready, entry.seq, key=_seq_of), entry)
@@ -297,6 +303,19 @@ class MemorySubscription(Subscription):
                 _log.exception("delivery callback failed; message requeued", message_id=delivery.message.id)
                 if delivery.settled is None:
                     await delivery.nack(requeue=True)
+
+    def return_key(self, key: str) -> None:
+        """Deliveries of ``key`` assigned but not yet handed over go back to the group queue."""
+        mine = [d for d in self.inbox if d.message.key == key]
+        if not mine:
+            return
+        for d in mine:
+            self.inbox.remove(d)
+            self.unsettled.discard(d)
+        entries = [d._entry for d in mine]
+        for entry in entries:
+            self.group.unhold(key)
+            self.group.ready.insert(bisect.bisect_left(self.group.ready, entry.seq, key=_seq_of), entry)
 
     def _return_inbox(self) -> None:
         """Deliveries assigned but not yet handed over go back to the group queue."""
