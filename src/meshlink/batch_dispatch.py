@@ -27,7 +27,7 @@ from meshlink.pipeline import Middleware
 from meshlink.resilience.breaker import CircuitBreaker
 from meshlink.resilience.deadletter import FIRST_FAILED_AT
 from meshlink.resilience.retry import first_failed_at
-from meshlink.transport.base import Delivery, SubscriptionSpec
+from meshlink.transport.base import Delivery
 
 if TYPE_CHECKING:
     from meshlink.app import Mesh
@@ -56,17 +56,6 @@ class BatchDispatcher(Dispatcher):
         # partition at a time) spares the per-message key bookkeeping below
         self._ordered = bool(getattr(mesh.transport, "batches_keep_key_order", False))
         self._batch_keys: dict[asyncio.Task[None], list[str]] = {}
-
-    def subscription_specs(self) -> list[SubscriptionSpec]:
-        return [
-            SubscriptionSpec(
-                destination=d,
-                group=self.spec.group,
-                prefetch=self.spec.prefetch,
-                options=self.spec.options,
-            )
-            for d in (self.spec.destination, self.spec.retry_destination)
-        ]
 
     async def start(self) -> None:
         for sub_spec in self.subscription_specs():

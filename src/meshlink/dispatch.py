@@ -122,7 +122,7 @@ class Dispatcher:
             SubscriptionSpec(
                 destination=d,
                 group=self.spec.group,
-                prefetch=self.spec.concurrency,
+                prefetch=self.spec.prefetch,
                 options=self.spec.options,
             )
             for d in destinations
