@@ -231,21 +231,33 @@ async def run_raw(
 
 
 async def run_mesh(
-    bootstrap: str, topic: str, orders: list[Order], args: argparse.Namespace, *, bare: bool
+    bootstrap: str, topic: str, orders: list[Order], args: argparse.Namespace, *, kind: str
 ) -> dict[str, Result]:
-    """One Mesh: publish the backlog while its handler is paused, then consume it."""
+    """One Mesh: publish the backlog while its handler is paused, then consume it.
+
+    ``kind``: ``default`` (every default policy; published with gathered ``mesh.publish``),
+    ``bare`` (no retry, no timeout; ``publish_many``) or ``batch`` (a batch handler with every
+    default policy, up to ``--batch`` per call; ``publish_many``, publish not reported)."""
     n = len(orders)
     mesh = Mesh(f"kafka://{bootstrap}", service="bench", transport_options=MESHLINK_OPTIONS)
     done = asyncio.Event()
     count = 0
 
-    async def handle(order: Order) -> None:
+    def seen(k: int) -> None:
         nonlocal count
-        count += 1
+        count += k
         if count >= n:
             done.set()
 
-    if bare:
+    async def handle(order: Order) -> None:
+        seen(1)
+
+    async def handle_batch(batch: list[Order]) -> None:
+        seen(len(batch))
+
+    if kind == "batch":
+        mesh.handler(topic, group=GROUP, batch=Batch(max_size=args.batch))(handle_batch)
+    elif kind == "bare":
         mesh.handler(topic, group=GROUP, concurrency=args.prefetch, retry=Retry.none(), timeout=None)(handle)
     else:
         mesh.handler(topic, group=GROUP, concurrency=args.prefetch)(handle)
@@ -269,46 +281,15 @@ async def run_mesh(
                 await s.resume()
             await done.wait()
 
-        published = await timed(publish_many if bare else publish, n)
+        published = await timed(publish if kind == "default" else publish_many, n)
         consumed = await timed(consume, n)
     finally:
         await mesh.stop()
-    if bare:
+    if kind == "batch":
+        return {BATCH_CONSUME: consumed}
+    if kind == "bare":
         return {MANY_PUBLISH: published, BARE_CONSUME: consumed}
     return {MESH_PUBLISH: published, DEFAULT_CONSUME: consumed}
-
-
-async def run_mesh_batch(bootstrap: str, topic: str, orders: list[Order], args: argparse.Namespace) -> Result:
-    """A batch handler with every default policy (``list[Order]``, up to ``--batch`` per call);
-    the backlog is published with ``publish_many`` while it is paused. Returns the consume result."""
-    n = len(orders)
-    mesh = Mesh(f"kafka://{bootstrap}", service="bench", transport_options=MESHLINK_OPTIONS)
-    done = asyncio.Event()
-    count = 0
-
-    async def handle(batch: list[Order]) -> None:
-        nonlocal count
-        count += len(batch)
-        if count >= n:
-            done.set()
-
-    mesh.handler(topic, group=GROUP, batch=Batch(max_size=args.batch))(handle)
-    await mesh.start()
-    try:
-        subscriptions = [s for d in mesh.dispatchers for s in d.subscriptions]
-        for s in subscriptions:
-            await s.pause()
-        for chunk in windows(orders, args.window):
-            await mesh.publish_many(topic, chunk, key=customer)
-
-        async def consume() -> None:
-            for s in subscriptions:
-                await s.resume()
-            await done.wait()
-
-        return await timed(consume, n)
-    finally:
-        await mesh.stop()
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -344,13 +325,13 @@ async def run(bootstrap: str, args: argparse.Namespace) -> None:
         return await run_raw(bootstrap, topic, orders, args, envelope=True)
 
     async def default(topic: str) -> dict[str, Result]:
-        return await run_mesh(bootstrap, topic, orders, args, bare=False)
+        return await run_mesh(bootstrap, topic, orders, args, kind="default")
 
     async def bare(topic: str) -> dict[str, Result]:
-        return await run_mesh(bootstrap, topic, orders, args, bare=True)
+        return await run_mesh(bootstrap, topic, orders, args, kind="bare")
 
     async def batch(topic: str) -> dict[str, Result]:
-        return {BATCH_CONSUME: await run_mesh_batch(bootstrap, topic, orders, args)}
+        return await run_mesh(bootstrap, topic, orders, args, kind="batch")
 
     sides: list[Callable[[str], Awaitable[dict[str, Result]]]] = [raw, raw_env, default, bare, batch]
     results: dict[str, list[Result]] = {line: [] for line in LINES}
