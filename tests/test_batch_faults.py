@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import pytest
 
@@ -12,17 +12,7 @@ from meshlink.resilience.idempotency import Idempotency, MemoryIdempotencyStore
 from meshlink.transport.base import Delivery, SubscriptionSpec
 from meshlink.transport.batching import BatchLimits
 from meshlink.transport.memory import MemoryTransport
-
-
-async def until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    """Await ``condition()``; fail (naming ``what``) if it is not true within ``timeout``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"{what}: never happened within {timeout}s")
-        await asyncio.sleep(0.005)
-
+from waiting import until
 
 # -- handler types ------------------------------------------------------------------------
 

@@ -22,16 +22,7 @@ from meshlink.resilience.retry import iso
 from meshlink.transport.base import Delivery, SubscriptionSpec
 from meshlink.transport.batching import BatchLimits
 from meshlink.transport.memory import MemoryTransport
-
-
-async def until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    """Await ``condition()``; fail (naming ``what``) if it is not true within ``timeout``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"{what}: never happened within {timeout}s")
-        await asyncio.sleep(0.005)
+from waiting import until
 
 
 def url() -> str:
